@@ -1,0 +1,45 @@
+# rayft: two commands for a new user.
+#   make demo   create .venv, install everything, run the main job on the bundled data
+#   make test   create .venv if needed, run the whole test suite (what CI runs)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On a CPU-only machine this pin takes the local CPU build; on a GPU machine the CUDA one.
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed>=0.19,<0.20
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint format docs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# DeepSpeed is a source package: build it against the torch above, not an isolated copy.
+	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m rayft.train --config configs/demo.yaml
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check rayft tests benchmarks
+	$(VENV)/bin/ruff format --check rayft tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff check --fix rayft tests benchmarks
+	$(VENV)/bin/ruff format rayft tests benchmarks
+
+docs: venv
+	$(PY) -m rayft.docs > docs/configuration.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

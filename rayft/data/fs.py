@@ -1,0 +1,57 @@
+"""Small file helpers that work for local paths and URIs (s3://, gs://, ...) alike."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def read_json(path: str) -> Any | None:
+    filesystem, where = _resolve(path)
+    if filesystem.get_file_info(where).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(where) as stream:
+        return json.loads(stream.read().decode())
+
+
+def write_json(path: str, value: Any) -> None:
+    filesystem, where = _resolve(path)
+    filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(where) as stream:
+        stream.write(json.dumps(value, indent=2).encode())
+
+
+def remove(path: str) -> None:
+    filesystem, where = _resolve(path)
+    if filesystem.get_file_info(where).type == pafs.FileType.Directory:
+        filesystem.delete_dir(where)
+
+
+def fingerprint(path: str) -> list[Any]:
+    """(path, size, mtime) of a file: enough to notice that an input changed."""
+    filesystem, where = _resolve(path)
+    info = filesystem.get_file_info(where)
+    mtime = info.mtime_ns if info.mtime_ns is not None else None
+    return [path, info.size, mtime]
+
+
+def tree_size(path: str) -> int:
+    """Total bytes of the files under a directory."""
+    filesystem, where = _resolve(path)
+    selector = pafs.FileSelector(where, recursive=True, allow_not_found=True)
+    return sum(info.size or 0 for info in filesystem.get_file_info(selector))

@@ -1,0 +1,318 @@
+"""Read corpora as streams of records that remember where they came from.
+
+Every physical record becomes one row ``{_source, _line, _raw, _record, _reason}``:
+``_record`` is the parsed record as JSON (or null), ``_reason`` says why it could not be
+parsed (or null). Nothing is dropped here: unreadable lines travel on to be counted and
+quarantined. Files are read in chunks, never whole, so a file larger than memory streams.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import pyarrow as pa
+
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
+BLOCK_ROWS = 8192
+BLANK = "blank_line"  # not a row: counted apart, never quarantined
+
+SCHEMA = pa.schema(
+    [
+        ("_source", pa.string()),
+        ("_line", pa.int64()),
+        ("_raw", pa.string()),
+        ("_record", pa.string()),
+        ("_reason", pa.string()),
+    ]
+)
+
+
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file (and row) and the fix."""
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    line: int
+    raw: str
+    record: dict[str, Any] | None
+    reason: str | None
+
+
+def detect_format(path: str) -> str | None:
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix, fmt in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def expand_sources(spec: str | list[str], field: str) -> list[str]:
+    """Files named by path(s), glob(s) or directories, sorted; errors name the config field."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    files: list[str] = []
+    for item in specs:
+        if "://" in item:
+            files.append(item)  # remote: listed and opened by Ray's filesystem layer
+            continue
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(root, f)
+                for root, _, names in os.walk(item)
+                for f in names
+                if detect_format(f) and not f.startswith((".", "_"))
+            )
+            if not found:
+                raise DataError(
+                    f"{field}: directory {item} holds no readable files "
+                    f"(looked for {', '.join(sorted(_SUFFIXES))})"
+                )
+            files.extend(found)
+        elif any(c in item for c in "*?["):
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise DataError(f"{field}: glob {item!r} matches no files")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"{field}: file {item} does not exist (check the path, or the cwd)")
+    for path in files:
+        if detect_format(path) is None:
+            raise DataError(
+                f"{field}: cannot tell the format of {path} from its extension "
+                f"(supported: {', '.join(sorted(_SUFFIXES))}, optionally .gz)"
+            )
+    return files
+
+
+# ---------------------------------------------------------------- line-level decoding
+
+
+def iter_lines(stream: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) for each line; CRLF and a leading BOM removed."""
+    number, tail, first = 0, b"", True
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            break
+        if first:
+            chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            number += 1
+            yield number, line[:-1] if line.endswith(b"\r") else line
+    if tail:
+        yield number + 1, tail[:-1] if tail.endswith(b"\r") else tail
+
+
+def _decode(line: bytes) -> tuple[str, str | None]:
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return line.decode("utf-8", errors="backslashreplace"), "invalid_utf8"
+
+
+# ------------------------------------------------------------------- format readers
+
+
+def _read_jsonl(stream: IO[bytes]) -> Iterator[RawRecord]:
+    for number, line in iter_lines(stream):
+        text, bad = _decode(line)
+        if not text.strip():
+            yield RawRecord(number, text, None, BLANK)
+        elif bad:
+            yield RawRecord(number, text, None, bad)
+        else:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                yield RawRecord(number, text, None, "invalid_json")
+                continue
+            if isinstance(record, dict):
+                yield RawRecord(number, text, record, None)
+            else:
+                yield RawRecord(number, text, None, "json_not_an_object")
+
+
+def _read_text(stream: IO[bytes]) -> Iterator[RawRecord]:
+    for number, line in iter_lines(stream):
+        text, bad = _decode(line)
+        if not text.strip():
+            yield RawRecord(number, text, None, BLANK)
+        else:
+            yield RawRecord(number, text, None if bad else {"text": text}, bad)
+
+
+class _LineFeed:
+    """Feeds decoded lines to csv.reader while remembering which physical lines (and
+    decoding failures) make up the record it is assembling."""
+
+    def __init__(self, lines: Iterable[tuple[int, bytes]]):
+        self._lines = iter(lines)
+        self.start = 0
+        self.parts: list[str] = []
+        self.bad: str | None = None
+
+    def reset(self) -> None:
+        self.start, self.parts, self.bad = 0, [], None
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        number, line = next(self._lines)
+        text, bad = _decode(line)
+        if not self.parts:
+            self.start = number
+        self.parts.append(text)
+        self.bad = self.bad or bad
+        return text + "\n"
+
+
+def _read_delimited(stream: IO[bytes], delimiter: str) -> Iterator[RawRecord]:
+    feed = _LineFeed(iter_lines(stream))
+    # TSV fields cannot hold a tab, so quotes are literal text (as in GLUE's files).
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(feed, delimiter=delimiter, quoting=quoting, strict=False)
+    header: list[str] | None = None
+    while True:
+        feed.reset()
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield RawRecord(feed.start, "\n".join(feed.parts), None, "malformed_csv")
+            continue
+        raw = "\n".join(feed.parts)
+        if not row or not any(cell.strip() for cell in row):
+            yield RawRecord(feed.start, raw, None, BLANK)
+        elif header is None:
+            header = [h.strip() for h in row]
+        elif feed.bad:
+            yield RawRecord(feed.start, raw, None, feed.bad)
+        elif len(row) != len(header):
+            yield RawRecord(feed.start, raw, None, "wrong_field_count")
+        else:
+            yield RawRecord(feed.start, raw, dict(zip(header, row, strict=True)), None)
+
+
+def _read_parquet(stream: IO[bytes]) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(stream).iter_batches(batch_size=BLOCK_ROWS):
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
+
+
+READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
+    "jsonl": _read_jsonl,
+    "text": _read_text,
+    "csv": lambda s: _read_delimited(s, ","),
+    "tsv": lambda s: _read_delimited(s, "\t"),
+    "parquet": _read_parquet,
+}
+
+
+def iter_records(stream: IO[bytes], path: str) -> Iterator[RawRecord]:
+    fmt = detect_format(path)
+    if fmt is None:
+        raise DataError(f"cannot tell the format of {path} from its extension")
+    return READERS[fmt](stream)
+
+
+def open_local(path: str) -> IO[bytes]:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def peek_columns(path: str, max_lines: int = 1000) -> tuple[list[str] | None, bool]:
+    """(columns of the first parsable record, whether the file holds any non-blank row)."""
+    if "://" in path:
+        return None, True
+    with open_local(path) as stream:
+        seen_row = False
+        for i, rec in enumerate(iter_records(stream, path)):
+            if rec.reason != BLANK:
+                seen_row = True
+            if rec.record is not None:
+                return list(rec.record), True
+            if i >= max_lines:
+                break
+    return None, seen_row
+
+
+# ----------------------------------------------------------------------- Ray Datasource
+
+
+def _block(path: str, rows: list[RawRecord]) -> pa.Table:
+    return pa.table(
+        {
+            "_source": [path] * len(rows),
+            "_line": [r.line for r in rows],
+            "_raw": [r.raw for r in rows],
+            "_record": [
+                None if r.record is None else json.dumps(r.record, ensure_ascii=False, default=str)
+                for r in rows
+            ],
+            "_reason": [r.reason for r in rows],
+        },
+        schema=SCHEMA,
+    )
+
+
+def _records_datasource_class():
+    # Imported lazily: Ray is heavy and this module is used by `rayft validate` too.
+    from ray.data.datasource import FileBasedDatasource
+
+    class RecordsDatasource(FileBasedDatasource):
+        """Any supported format -> rows with provenance, streamed block by block."""
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if detect_format(path) == "parquet":  # needs random access to its footer
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            rows: list[RawRecord] = []
+            for rec in iter_records(f, path):
+                rows.append(rec)
+                if len(rows) >= BLOCK_ROWS:
+                    yield _block(path, rows)
+                    rows = []
+            if rows:
+                yield _block(path, rows)
+
+    return RecordsDatasource
+
+
+def read_records(paths: list[str]):
+    """A Ray Dataset of raw records (schema ``SCHEMA``) from files of any supported format."""
+    import ray.data
+
+    datasource = _records_datasource_class()(paths)
+    return ray.data.read_datasource(datasource)

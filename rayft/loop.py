@@ -1,0 +1,410 @@
+"""The training loop that every Ray Train worker runs: one function, top to bottom.
+
+For each phase of the method (one, or two for `two_stage`): build the model, set what
+trains, wrap it in DeepSpeed, then epoch -> micro-batch -> accumulate -> step, evaluating,
+reporting and checkpointing as configured. Finally gather the weights and export them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rayft import checkpoint as ckpt
+from rayft import methods
+from rayft.config import RayftConfig
+from rayft.engine import initialize, zero3_init_context
+from rayft.modeling import build_model, load_tokenizer
+from rayft.tasks import Task, get_task
+
+HISTORY_FILE = "history.jsonl"
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+
+
+@dataclass
+class Plan:
+    """Numbers the driver derives once and every worker shares."""
+
+    labels: list[str]
+    train_rows: int  # after padding to a multiple of the worker count
+    eval_rows: int
+    micro_per_epoch: int  # micro-batches each worker runs per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int  # over all phases, capped by train.max_steps
+    pad_rows: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def derive(cls, cfg: RayftConfig, labels: list[str], rows: dict[str, int], world: int) -> Plan:
+        pad = {split: (-n) % world for split, n in rows.items()}
+        train_rows = rows["train"] + pad["train"]
+        micro = math.ceil(train_rows // world / cfg.train.batch_size)
+        steps = math.ceil(micro / cfg.train.grad_accum)
+        total = sum(p.epochs for p in methods.phases(cfg)) * steps
+        if cfg.train.max_steps:
+            total = min(total, cfg.train.max_steps)
+        return cls(labels, train_rows, rows["eval"] + pad["eval"], micro, steps, total, pad)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _LossMeter:
+    """Sums losses on the device (no host sync per step); read out only when reporting."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().double()
+        self.count += 1
+
+    def local_mean(self) -> float:
+        return float(self.total) / max(self.count, 1)
+
+    def global_mean(self) -> float:
+        """Mean over every rank's micro-batches (a collective: all ranks call it)."""
+        t = torch.stack([self.total, self.total.new_tensor(float(self.count))])
+        dist.all_reduce(t)
+        return float(t[0]) / max(float(t[1]), 1.0)
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.count = 0
+
+
+def evaluate(
+    engine: Any,
+    shard: Any,
+    task: Task,
+    cfg: RayftConfig,
+    plan: Plan,
+    pad_id: int,
+    rows_out: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Metrics over the whole eval split. Every rank runs the same number of forward passes
+    (ZeRO-3 gathers weights collectively), padding rows are left out of every figure.
+    With ``rows_out``, rank 0 also receives every row's prediction and reference."""
+    engine.eval()
+    preds: list[Any] = []
+    refs: list[Any] = []
+    where: list[tuple[str, int]] = []
+    loss_sum, loss_rows = 0.0, 0
+    with torch.no_grad():
+        for batch in shard.iter_batches(
+            batch_size=cfg.train.eval_batch_size, batch_format="numpy", prefetch_batches=2
+        ):
+            real = ~batch.pop("_pad")
+            if real.any() and not real.all():
+                batch = {k: v[real] for k, v in batch.items()}
+            sources, lines = batch.pop("_source"), batch.pop("_line")
+            inputs = _to_device(task.collate(batch, pad_id), engine.device)
+            outputs = engine(**inputs)
+            if not real.any():
+                continue  # a forward only to keep ranks in step
+            n = int(real.sum())
+            loss_sum += float(outputs.loss) * n
+            loss_rows += n
+            preds.extend(task.predict(outputs, inputs))
+            refs.extend(task.references(batch))
+            where.extend(zip(sources.tolist(), lines.tolist(), strict=True))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (preds, refs, loss_sum, loss_rows, where))
+    all_preds = [p for g in gathered for p in g[0]]
+    all_refs = [r for g in gathered for r in g[1]]
+    total_loss = sum(g[2] for g in gathered)
+    total_rows = sum(g[3] for g in gathered)
+    if rows_out is not None:
+        all_where = [w for g in gathered for w in g[4]]
+        for (source, line), pred, ref in zip(all_where, all_preds, all_refs, strict=True):
+            rows_out.append({"source": source, "line": line, "prediction": pred, "reference": ref})
+    metrics = task.compute_metrics(all_preds, all_refs, plan.labels)
+    metrics["eval_loss"] = total_loss / max(total_rows, 1)
+    metrics["eval_rows"] = total_rows
+    engine.train()
+    return metrics
+
+
+class _Progress:
+    """Rank 0's console line: step, loss, lr, samples/s, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self.start_step = start_step
+        self.started = time.time()
+
+    def line(self, phase: str, epoch: float, step: int, loss: float, lr: float, sps: float) -> str:
+        done = max(step - self.start_step, 1)
+        elapsed = time.time() - self.started
+        eta = elapsed / done * max(self.total - step, 0)
+        pct = 100.0 * step / max(self.total, 1)
+        return (
+            f"[rayft] {phase} epoch {epoch:.2f} step {step}/{self.total} ({pct:.0f}%) "
+            f"loss {loss:.4f} lr {lr:.2e} | {sps:.1f} samples/s | "
+            f"elapsed {_hms(elapsed)} ETA {_hms(eta)}"
+        )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Ray Train has set up torch.distributed; DeepSpeed's comm layer adopts that group
+    # (ZeRO-3's partitioned model construction needs it before any engine exists).
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+    # Only small, serialisable config crosses into workers; re-validate it here.
+    cfg = RayftConfig.model_validate(config["cfg"])
+    plan = Plan(**config["plan"])
+    task = get_task(cfg.task)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = cfg.train
+    pad_id = load_tokenizer(cfg).pad_token_id
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    phases = methods.phases(cfg)
+
+    # Where to start: a fresh run, or the latest complete checkpoint after a restart.
+    state: dict[str, Any] = {"phase": 0, "epoch": 0, "micro": 0, "step": 0, "history": []}
+    resume_dir = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        resume_dir = restored.to_directory()
+        state = ckpt.read_state(resume_dir)
+        if rank == 0:
+            print(
+                f"[rayft] resuming from checkpoint at step {state['step']} "
+                f"(phase {phases[state['phase']].name}, epoch {state['epoch']})"
+            )
+    history: list[dict[str, Any]] = state["history"]
+    step = state["step"]
+    progress = _Progress(plan.total_steps, step)
+    samples = 0
+    train_seconds = 0.0
+    data_seconds = 0.0  # of train_seconds, spent waiting for the next batch
+    device = ray.train.torch.get_device()
+    loss_run = _LossMeter(device)  # since the last report
+    loss_all = _LossMeter(device)  # over the whole run
+    last_eval: dict[str, float] = {}
+    carry: dict[str, torch.Tensor] | None = None
+    engine = None
+    heads: list[str] = []
+    phase = phases[state["phase"]]
+    stop = False
+    micro_done = 0
+    overall_epoch = 0.0
+
+    def report(epoch_progress: float, do_eval: bool, do_ckpt: bool) -> None:
+        nonlocal last_eval
+        if do_eval:
+            last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
+        metrics = {
+            "step": step,
+            "epoch": round(epoch_progress, 4),
+            "phase": phase.name,
+            "train_loss": loss_run.global_mean(),
+            "lr": engine.get_lr()[0],
+            "samples_per_second": samples / max(train_seconds, 1e-9),
+            **last_eval,
+        }
+        loss_run.reset()
+        history.append(metrics)
+        checkpoint = None
+        directory = None
+        if do_ckpt:
+            snapshot = {
+                "phase": phases.index(phase),
+                "epoch": math.floor(epoch_progress + 1e-9),
+                "micro": micro_done,
+                "step": step,
+                "world_size": world,
+                "history": history,
+                "metrics": metrics,
+            }
+            directory = ckpt.save_training_state(engine, snapshot, rank)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        if rank == 0 and do_eval:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+            print(f"[rayft] eval at step {step}: {shown}")
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    for phase_index, phase in enumerate(phases):  # noqa: B007 (report() reads `phase`)
+        if phase_index < state["phase"] or stop:
+            continue
+        # Identical initial weights on every rank (new heads are random), then per-rank
+        # randomness for dropout.
+        seed_everything(t.seed)
+        zero3 = zero3_init_context(cfg, world)
+        model, heads = build_model(task, cfg, plan.labels)
+        if carry is not None:
+            ckpt.load_params(model, carry)
+        model = methods.apply(model, heads, cfg, phase, task.peft_task_type)
+        trainable, total = methods.trainable_summary(model)
+        phase_steps = phase.epochs * plan.steps_per_epoch
+        engine = initialize(model, cfg, phase.lr, phase_steps, world)
+        start_epoch, skip_micro = 0, 0
+        if resume_dir is not None and phase_index == state["phase"]:
+            ckpt.restore_training_state(engine, resume_dir)
+            start_epoch, skip_micro = state["epoch"], state["micro"]
+            if skip_micro >= plan.micro_per_epoch:
+                start_epoch, skip_micro = start_epoch + 1, 0
+        if rank == 0:
+            print(
+                f"[rayft] phase '{phase.name}': {trainable:,} of {total:,} parameters train "
+                f"({100.0 * trainable / max(total, 1):.2f}%), lr {phase.lr:g}, "
+                f"{phase.epochs} epoch(s) x {plan.steps_per_epoch} steps, ZeRO stage "
+                f"{cfg.deepspeed.stage}, {world} worker(s)"
+            )
+        seed_everything(t.seed + 1000 * (rank + 1) + phase_index)
+        engine.train()
+        for epoch in range(start_epoch, phase.epochs):
+            micro_done = 0
+            batches = train_shard.iter_batches(
+                batch_size=t.batch_size,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+                local_shuffle_seed=t.seed + 7919 * epoch + rank
+                if cfg.data.shuffle_buffer_rows
+                else None,
+            )
+            tick = time.perf_counter()
+            waited = time.perf_counter()
+            for batch in batches:
+                data_seconds += time.perf_counter() - waited
+                if micro_done >= plan.micro_per_epoch:
+                    break  # never more than the agreed count: ranks stay in step
+                if micro_done < skip_micro:
+                    micro_done += 1
+                    continue
+                for name in ("_pad", "_source", "_line"):
+                    batch.pop(name)
+                rows = len(batch["input_ids"])
+                # Close the accumulation at the epoch's last micro-batch too, so epochs
+                # end on an optimizer step (that step's gradient is scaled by 1/grad_accum).
+                boundary = (micro_done + 1) % t.grad_accum == 0 or (
+                    micro_done + 1 == plan.micro_per_epoch
+                )
+                engine.set_gradient_accumulation_boundary(boundary)
+                outputs = engine(**_to_device(task.collate(batch, pad_id), engine.device))
+                engine.backward(outputs.loss)
+                engine.step()
+                loss_run.add(outputs.loss)
+                loss_all.add(outputs.loss)
+                micro_done += 1
+                samples += rows * world
+                waited = time.perf_counter()
+                if not boundary:
+                    continue
+                step += 1
+                now = time.perf_counter()
+                train_seconds += now - tick
+                tick = now
+                epoch_progress = epoch + micro_done / plan.micro_per_epoch
+                overall_epoch = epoch_progress + sum(p.epochs for p in phases[:phase_index])
+                if rank == 0 and step % t.log_every_steps == 0:
+                    print(
+                        progress.line(
+                            phase.name,
+                            overall_epoch,
+                            step,
+                            loss_run.local_mean(),
+                            engine.get_lr()[0],
+                            samples / max(train_seconds, 1e-9),
+                        )
+                    )
+                stop = bool(t.max_steps and step >= t.max_steps)
+                end_of_epoch = micro_done == plan.micro_per_epoch
+                do_eval = bool(t.eval_every_steps and step % t.eval_every_steps == 0)
+                do_ckpt = bool(
+                    cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                )
+                do_eval = do_eval or do_ckpt  # every checkpoint carries the metrics ranking it
+                if (do_eval or do_ckpt) and not (end_of_epoch or stop):
+                    report(epoch_progress, do_eval, do_ckpt)
+                    tick = waited = time.perf_counter()
+                if stop:
+                    break
+            if micro_done < plan.micro_per_epoch and not stop:
+                raise RuntimeError(
+                    f"worker {rank} ran out of training data after {micro_done} of "
+                    f"{plan.micro_per_epoch} micro-batches in epoch {epoch}: the shards are "
+                    "uneven, which would desynchronize DeepSpeed's collectives"
+                )
+            skip_micro = 0
+            last_phase_epoch = epoch == phase.epochs - 1 and phase_index == len(phases) - 1
+            if not (last_phase_epoch or stop):  # the final report below covers the last one
+                report(epoch + 1.0, do_eval=True, do_ckpt=True)
+            if stop:
+                break
+        if phase_index < len(phases) - 1 and not stop:
+            carry = ckpt.gather_params(engine.module)
+            engine.destroy()
+        del zero3
+
+    # Final evaluation and export of the trained weights (gathered across ZeRO shards).
+    unset_hf_deepspeed_config()
+    predictions: list[dict[str, Any]] = []
+    last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
+    full_state = ckpt.full_state_dict(engine, rank)
+    export_dir = None
+    metrics = {
+        "step": step,
+        "epoch": round(overall_epoch, 4),
+        "phase": phase.name,
+        "train_loss": loss_all.global_mean(),
+        "train_samples_per_second": samples / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "train_samples": samples,
+        "data_wait_fraction": data_seconds / max(train_seconds, 1e-9),
+        "lr": engine.get_lr()[0],
+        "done": True,
+        **last_eval,
+    }
+    history.append({k: v for k, v in metrics.items() if k != "done"})
+    if rank == 0:
+        export_dir = tempfile.mkdtemp(prefix="rayft-export-")
+        ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)
+        with open(os.path.join(export_dir, HISTORY_FILE), "w") as handle:
+            for entry in history:
+                handle.write(json.dumps(entry) + "\n")
+        with open(os.path.join(export_dir, PREDICTIONS_FILE), "w") as handle:
+            for row in sorted(predictions, key=lambda r: (r["source"], r["line"])):
+                handle.write(json.dumps(task.describe(row, plan.labels)) + "\n")
+        with open(os.path.join(export_dir, "plan.json"), "w") as handle:
+            json.dump(asdict(plan), handle, indent=2)
+    del full_state
+    dist.barrier()
+    checkpoint = ray.train.Checkpoint.from_directory(export_dir) if export_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+    if export_dir:
+        shutil.rmtree(export_dir, ignore_errors=True)
+    engine.destroy()

@@ -1,0 +1,51 @@
+"""Tasks: what a record means, how it is tokenized and batched, which model head learns it,
+and how predictions are scored. One module per task, registered by name in ``TASKS``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rayft.config import DataConfig, RayftConfig
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    # Columns (name -> arrow type) that `extract` fills for a usable record.
+    fields: dict[str, pa.DataType]
+    # record (dict, columns already renamed) -> (fields, None) or (None, reason)
+    extract: Callable[[dict[str, Any], DataConfig], tuple[dict[str, Any] | None, str | None]]
+    # Column whose values are labels to map to ids (None: the task has no class labels).
+    label_field: str | None
+    # batch of kept rows (numpy) -> model features (ragged arrays allowed)
+    tokenize: Callable[[dict[str, np.ndarray], Any, RayftConfig, dict[str, int]], dict[str, Any]]
+    # batch of features (numpy) -> tensors for the model, padded to the batch's longest row
+    collate: Callable[[dict[str, np.ndarray], int], dict[str, Any]]
+    # transformers Auto* class (imported lazily) and its from_pretrained/config kwargs
+    auto_class: Callable[[], Any]
+    model_kwargs: Callable[[list[str]], dict[str, Any]]
+    # (model outputs, batch) -> per-row predictions (plain Python values)
+    predict: Callable[[Any, dict[str, Any]], list[Any]]
+    # batch (numpy) -> per-row references that `compute_metrics` compares predictions to
+    references: Callable[[dict[str, Any]], list[Any]]
+    # (predictions, references, labels) -> metrics
+    compute_metrics: Callable[[list[Any], list[Any], list[str]], dict[str, float]]
+    # a prediction row (source, line, prediction, reference) -> readable JSON record
+    describe: Callable[[dict[str, Any], list[str]], dict[str, Any]]
+    # peft task type for LoRA
+    peft_task_type: str
+
+
+def get_task(name: str) -> Task:
+    from rayft.tasks import classification
+
+    registry = {"sequence_classification": classification.TASK}
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(registry))}") from None

@@ -1,0 +1,138 @@
+"""Sequence classification (sentiment, topic, NLI-style pairs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rayft.config import DataConfig, RayftConfig
+from rayft.tasks import Task
+from rayft.tasks.common import canonical_label, pad_sequences
+
+
+def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    text = record.get(data.text_column)
+    if text is None:
+        return None, "missing_text"
+    if not isinstance(text, str):
+        return None, "text_not_a_string"
+    if not text.strip():
+        return None, "empty_text"
+    pair = None
+    if data.text_pair_column:
+        pair = record.get(data.text_pair_column)
+        if pair is None:
+            return None, "missing_text_pair"
+        if not isinstance(pair, str):
+            return None, "text_pair_not_a_string"
+    raw_label = record.get(data.label_column)
+    if raw_label is None:
+        return None, "missing_label"
+    label = canonical_label(raw_label)
+    if label is None:
+        return None, "invalid_label"
+    if data.labels is not None and label not in {canonical_label(x) for x in data.labels}:
+        return None, "label_not_allowed"
+    return {"text": text, "text_pair": pair, "label": label}, None
+
+
+def tokenize(
+    batch: dict[str, np.ndarray], tokenizer: Any, cfg: RayftConfig, label2id: dict[str, int]
+) -> dict[str, Any]:
+    pairs = [str(p) for p in batch["text_pair"]] if cfg.data.text_pair_column else None
+    enc = tokenizer(
+        [str(t) for t in batch["text"]],
+        pairs,
+        truncation=True,
+        max_length=cfg.train.max_seq_len,
+    )
+    out = {
+        "input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
+        "labels": np.asarray([label2id[label] for label in batch["label"]], dtype=np.int64),
+    }
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
+    return out
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": torch.tensor(np.asarray(batch["labels"], dtype=np.int64)),
+    }
+    if "token_type_ids" in batch:
+        out["token_type_ids"], _ = pad_sequences(batch["token_type_ids"], 0)
+    return out
+
+
+def auto_class() -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+def model_kwargs(labels: list[str]) -> dict[str, Any]:
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+def references(batch: dict[str, Any]) -> list[int]:
+    return [int(x) for x in batch["labels"]]
+
+
+def predict(outputs: Any, batch: dict[str, Any]) -> list[Any]:
+    probs = torch.softmax(outputs.logits.float(), dim=-1)
+    score, label = probs.max(dim=-1)
+    return [(int(i), float(s)) for i, s in zip(label.tolist(), score.tolist(), strict=True)]
+
+
+def compute_metrics(preds: list[Any], refs: list[Any], labels: list[str]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    y_pred = [p[0] for p in preds]
+    ids = list(range(len(labels)))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        refs, y_pred, labels=ids, average="macro", zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(refs, y_pred)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+    }
+
+
+def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    label_id, score = row["prediction"]
+    return {
+        "source": row["source"],
+        "line": row["line"],
+        "label": labels[row["reference"]],
+        "prediction": labels[label_id],
+        "score": round(score, 6),
+    }
+
+
+TASK = Task(
+    name="sequence_classification",
+    fields={"text": pa.string(), "text_pair": pa.string(), "label": pa.string()},
+    extract=extract,
+    label_field="label",
+    tokenize=tokenize,
+    collate=collate,
+    auto_class=auto_class,
+    model_kwargs=model_kwargs,
+    predict=predict,
+    references=references,
+    compute_metrics=compute_metrics,
+    describe=describe,
+    peft_task_type="SEQ_CLS",
+)

@@ -1,0 +1,47 @@
+"""Pieces shared by tasks: label canonicalization, padding, metrics helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+PAD_MULTIPLE = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile for
+
+
+def canonical_label(value: Any) -> str | None:
+    """Labels travel as strings: 1, 1.0 and "1" are the same label; bools are not labels."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else None
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def sort_labels(labels: list[str]) -> list[str]:
+    """Numeric order when every label is an integer, else lexicographic."""
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def pad_sequences(
+    seqs: np.ndarray | list, pad_value: int, multiple: int = PAD_MULTIPLE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged int sequences -> (padded [n, L], attention mask [n, L]); L is the longest
+    row rounded up to ``multiple`` (dynamic padding: short batches stay short)."""
+    lengths = [len(s) for s in seqs]
+    width = max(lengths, default=1)
+    width = -(-width // multiple) * multiple
+    ids = np.full((len(seqs), width), pad_value, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+        ids[i, :n] = seq
+        mask[i, :n] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)

@@ -1,0 +1,225 @@
+"""Driver side of a training run: datasets and TorchTrainer from the config, and `fit`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from rayft import checkpoint as ckpt
+from rayft.config import RayftConfig, dump_config, resolve_paths
+from rayft.data import fs
+from rayft.data.prepare import Prepared, check_sources, prepare
+from rayft.evaluate import majority_baseline
+from rayft.loop import HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
+from rayft.tasks import get_task
+
+
+@functools.lru_cache(maxsize=8)
+def _config(cfg_json: str) -> RayftConfig:
+    return RayftConfig.model_validate_json(cfg_json)
+
+
+def tokenize_block(batch: dict[str, np.ndarray], *, cfg_json: str, label2id: dict[str, int]):
+    """Ray Data UDF: rows of the prepared split -> model features (ragged, unpadded)."""
+    from rayft.modeling import load_tokenizer
+
+    cfg = _config(cfg_json)
+    out = get_task(cfg.task).tokenize(batch, load_tokenizer(cfg), cfg, label2id)
+    for name in ("_pad", "_source", "_line"):  # provenance rides along, unused by the model
+        out[name] = batch[name]
+    return out
+
+
+def _mark_pad(batch: dict[str, np.ndarray], *, value: bool) -> dict[str, np.ndarray]:
+    batch["_pad"] = np.full(len(next(iter(batch.values()))), value)
+    return batch
+
+
+def build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
+    """Streaming datasets of tokenized rows. Each split is padded by repeating its first
+    rows up to a multiple of the worker count (as torch's DistributedSampler does), so
+    Ray's equal split drops nothing and every worker runs the same number of steps;
+    padded eval rows are flagged and left out of the metrics."""
+    import ray.data
+
+    columns = [*get_task(cfg.task).fields, "_source", "_line"]
+    cfg_json = cfg.model_dump_json()
+    datasets = {}
+    for split, path in prepared.splits.items():
+        rows = ray.data.read_parquet(path, columns=columns)
+        ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="numpy")
+        pad = plan.pad_rows.get(split, 0)
+        if pad:
+            extra = rows.limit(pad).map_batches(
+                functools.partial(_mark_pad, value=True), batch_format="numpy"
+            )
+            ds = ds.union(extra)
+        ds = ds.map_batches(
+            functools.partial(tokenize_block, cfg_json=cfg_json, label2id=prepared.label2id),
+            batch_format="numpy",
+        )
+        if _materialize(cfg, path):
+            ds = ds.materialize()
+        datasets[split] = ds
+    return datasets
+
+
+def _materialize(cfg: RayftConfig, path: str) -> bool:
+    """Small splits are tokenized once and kept in the object store: a Ray Data execution
+    costs seconds to start, and would otherwise recur every epoch and evaluation."""
+    mode = cfg.data.materialize
+    if mode != "auto":
+        return mode == "always"
+    return fs.tree_size(path) <= cfg.data.materialize_max_mb * 2**20
+
+
+def build_trainer(
+    cfg: RayftConfig,
+    plan: Plan,
+    datasets: dict[str, Any],
+    *,
+    run_name: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": asdict(plan)},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name or cfg.run_name or default_run_name(cfg),
+            storage_path=cfg.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep,
+                checkpoint_score_attribute=cfg.checkpoint.metric,
+                checkpoint_score_order=cfg.checkpoint.mode,
+            ),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+
+
+def default_run_name(cfg: RayftConfig) -> str:
+    return f"rayft-{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def init_ray(cfg: RayftConfig) -> None:
+    """Join the cluster this process belongs to (``RAY_ADDRESS``, `ray job submit`, or a
+    running local head); otherwise start a local Ray with enough logical CPUs for the
+    workers plus the data pipeline, which needs CPUs of its own to stream batches."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+        return
+    try:
+        ray.init(address="auto", runtime_env=runtime_env)
+        return
+    except ConnectionError:
+        pass
+    s = cfg.scaling
+    needed = int(s.num_workers * s.cpus_per_worker) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
+
+
+def fit(cfg: RayftConfig) -> dict[str, Any]:
+    """Prepare the data, train, evaluate, and write config.yaml, metrics.json, model/."""
+    started = time.time()
+    cfg = resolve_paths(cfg)
+    files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
+        handle.write(dump_config(cfg))
+    init_ray(cfg)
+    prepared = prepare(cfg, files)
+    plan = Plan.derive(cfg, prepared.labels, prepared.rows, cfg.scaling.num_workers)
+    _print_plan(cfg, prepared, plan)
+    result = build_trainer(cfg, plan, build_datasets(cfg, prepared, plan)).fit()
+    if result.error is not None:
+        raise result.error
+    return write_outputs(cfg, prepared, result, started)
+
+
+def _print_plan(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> None:
+    t, world = cfg.train, cfg.scaling.num_workers
+    pad = plan.pad_rows.get("train", 0)
+    padding = f" (+{pad} repeated to split evenly)" if pad else ""
+    print(
+        f"[rayft] {prepared.rows['train']:,} train rows{padding}, {prepared.rows['eval']:,} "
+        f"eval rows, {len(plan.labels)} labels; {world} worker(s) x micro-batch "
+        f"{t.batch_size} x grad_accum {t.grad_accum} = {world * t.batch_size * t.grad_accum} "
+        f"rows per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps in all"
+    )
+
+
+def write_outputs(
+    cfg: RayftConfig, prepared: Prepared, result: Any, started: float
+) -> dict[str, Any]:
+    """Copy the exported model out of the final checkpoint; write metrics.json."""
+    out = cfg.output_dir
+    with ckpt.local_dir(result.checkpoint) as directory:
+        for name in (ckpt.MODEL_DIR, ckpt.ADAPTER_DIR):
+            source = os.path.join(directory, name)
+            if os.path.isdir(source):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+                shutil.copytree(source, os.path.join(out, name))
+        for name in (HISTORY_FILE, PREDICTIONS_FILE):
+            shutil.copy(os.path.join(directory, name), os.path.join(out, name))
+    final = dict(result.metrics)
+    final.pop("done", None)
+    metrics: dict[str, Any] = {
+        **final,
+        "wall_seconds": time.time() - started,
+        "train_rows": prepared.rows["train"],
+        "checkpoint_path": result.checkpoint.path,
+    }
+    if prepared.labels:
+        metrics["baselines"] = {
+            "majority": majority_baseline(
+                prepared.label_counts["train"], prepared.label_counts["eval"], prepared.labels
+            )
+        }
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    _print_summary(cfg, metrics)
+    return metrics
+
+
+def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
+    shown = [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "eval_loss") if k in metrics]
+    majority = metrics.get("baselines", {}).get("majority")
+    if majority:
+        shown.append(
+            f"(majority-class baseline: accuracy {majority['accuracy']:.4f}, "
+            f"f1 {majority['f1']:.4f})"
+        )
+    print(f"[rayft] done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
+    where = os.path.join(cfg.output_dir, ckpt.MODEL_DIR)
+    adapter = os.path.join(cfg.output_dir, ckpt.ADAPTER_DIR)
+    extra = f" (peft adapter: {adapter})" if cfg.method == "lora" else ""
+    print(f"[rayft] model saved to {where}{extra}; metrics in {cfg.output_dir}/metrics.json")

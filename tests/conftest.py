@@ -1,0 +1,66 @@
+"""Shared fixtures: one local Ray instance per test session, tiny models, toy data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
+from tests.fixtures.models import tiny_bert
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: starting Ray costs tens of seconds here.
+    More logical CPUs than cores, so 2 training workers leave room for Ray Data."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=6,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, str]:
+    """A learnable sentiment set; 257 train rows so 2 workers get an uneven split."""
+    root = tmp_path_factory.mktemp("toy")
+    return {
+        "train": write_jsonl(root / "train.jsonl", sentiment_rows(257, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", sentiment_rows(48, seed=1)),
+    }
+
+
+def base_config(model: str, data: dict[str, str], output_dir: Path, **sections) -> dict:
+    """A small, fast run config; keyword arguments replace or extend its sections."""
+    config = {
+        "model": {"name_or_path": model},
+        "data": {"train": data["train"], "eval": data["eval"]},
+        "output_dir": str(output_dir),
+        "scaling": {"num_workers": 2},
+        "deepspeed": {"stage": 2},
+        "train": {"epochs": 3, "batch_size": 8, "lr": 2e-3, "log_every_steps": 20},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config

@@ -1,0 +1,191 @@
+"""The config contract: schema, errors, overrides, shipped YAMLs, CLI and generated docs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayft.cli import main
+from rayft.config import (
+    DEFAULT_LR,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    resolve_path,
+    resolve_paths,
+    validate_config,
+)
+from rayft.data.prepare import check_sources
+from tests.conftest import REPO
+
+MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl", "eval": "b.jsonl"}}
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    return info.value.problems
+
+
+def test_required_keys_exist_with_their_contract_names():
+    cfg = validate_config(MINIMAL)
+    for path in [
+        "task",
+        "model.name_or_path",
+        "method",
+        "data.train",
+        "data.eval",
+        "data.text_column",
+        "data.label_column",
+        "scaling.num_workers",
+        "scaling.use_gpu",
+        "deepspeed.stage",
+        "deepspeed.offload_optimizer",
+        "train.epochs",
+        "train.lr",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.max_seq_len",
+        "train.seed",
+        "output_dir",
+    ]:
+        node = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+    assert cfg.task == "sequence_classification"
+
+
+def test_every_problem_is_reported_at_once_with_field_paths_and_hints():
+    problems = problems_of(
+        {
+            **MINIMAL,
+            "deepspeed": {"stage": 5},
+            "train": {"lr": "fast", "epochs": 2},
+            "data": {**MINIMAL["data"], "txt_column": "review"},
+        }
+    )
+    assert len(problems) == 3
+    joined = "\n".join(problems)
+    assert "deepspeed.stage: Input should be less than or equal to 3, got 5" in joined
+    assert "train.lr: Input should be a valid number" in joined and "'fast'" in joined
+    assert "data.txt_column: unknown key; did you mean 'text_column'?" in joined
+
+
+def test_unknown_top_level_key_and_wrong_literal():
+    problems = problems_of({**MINIMAL, "methd": "lora", "task": "translation"})
+    assert any(p.startswith("methd: unknown key; did you mean 'method'?") for p in problems)
+    assert any(p.startswith("task: Input should be") and "'translation'" in p for p in problems)
+
+
+def test_cross_field_rules_name_the_fix():
+    problems = problems_of(
+        {
+            **MINIMAL,
+            "deepspeed": {"stage": 2, "offload_param": True, "precision": "bf16"},
+            "model": {"name_or_path": "m", "trust_remote_code": True},
+        }
+    )
+    assert any("deepspeed.offload_param needs deepspeed.stage=3" in p for p in problems)
+    assert any("deepspeed.precision=bf16 needs scaling.use_gpu=true" in p for p in problems)
+    assert any("model.revision" in p for p in problems)
+
+
+def test_missing_required_keys_are_named():
+    problems = problems_of({"data": {"eval": "x"}})
+    assert "model: required key is missing" in problems
+    assert any(p.startswith("data.train: required key is missing") for p in problems)
+
+
+def test_method_default_learning_rates_are_resolved():
+    for method, lr in DEFAULT_LR.items():
+        assert validate_config({**MINIMAL, "method": method}).train.lr == lr
+    assert validate_config({**MINIMAL, "train": {"lr": 1e-4}}).train.lr == 1e-4
+
+
+def test_overrides_are_parsed_as_yaml_and_merged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "train": {"epochs": 2}}))
+    cfg = load_config(path, ["train.lr=1e-4", "method=lora", "data.labels=[neg, pos]"])
+    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 2
+    assert cfg.method == "lora" and cfg.data.labels == ["neg", "pos"]
+    assert parse_overrides(["a.b.c=3"]) == {"a": {"b": {"c": 3}}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["train.lr"])
+    with pytest.raises(ConfigError, match="deepspeed.stage: Input should be less than"):
+        load_config(path, ["deepspeed.stage=7"])
+
+
+def test_paths_are_resolved_for_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-model").mkdir()
+    cfg = resolve_paths(
+        validate_config(
+            {
+                "model": {"name_or_path": "local-model"},
+                "data": {"train": "t.jsonl", "eval": "e.jsonl"},
+            }
+        )
+    )
+    assert cfg.model.name_or_path == str(tmp_path / "local-model")
+    assert cfg.data.train == str(tmp_path / "t.jsonl")
+    assert cfg.storage_path == str(tmp_path / "runs/default/ray")
+    assert resolve_path("bert-base-uncased", may_be_hub_id=True) == "bert-base-uncased"
+    assert resolve_path("pkg:rayft/resources/reviews/train.jsonl").endswith(
+        "rayft/resources/reviews/train.jsonl"
+    )
+    with pytest.raises(ConfigError, match="not installed"):
+        resolve_path("pkg:no_such_package_xyz/model")
+
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_validates(path):
+    cfg = resolve_paths(load_config(path))
+    local = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
+    if all(Path(p).exists() for p in local):  # data outside the repo may be absent
+        check_sources(cfg)
+
+
+def test_validate_command_reports_ok_and_errors(capsys, tmp_path):
+    assert main(["validate", "--config", str(REPO / "configs/demo.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "deepspeed": {"stage": 5}}))
+    assert main(["validate", "--config", str(bad)]) == 2
+    assert "deepspeed.stage: Input should be less than or equal to 3" in capsys.readouterr().err
+
+
+def test_module_entry_point_fails_fast_before_ray(tmp_path):
+    """`python -m rayft.train` with a bad config exits 2 with the message, starting nothing."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "train": {"epochs": "many"}}))
+    run = subprocess.run(
+        [sys.executable, "-m", "rayft.train", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "train.epochs: Input should be a valid integer" in run.stderr
+    assert "Started a local Ray instance" not in run.stderr + run.stdout
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    from rayft.docs import config_reference
+
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == config_reference(), "run `make docs` to regenerate"
+    assert "`deepspeed.stage`" in committed and "ZeRO stage" in committed
+
+
+def test_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.grad_accum" in out and "Micro-batches accumulated" in out

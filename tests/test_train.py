@@ -1,0 +1,163 @@
+"""End-to-end training on a local Ray with 2 gloo workers and real DeepSpeed engines.
+
+Each run checks several things, since starting a worker group is the expensive part."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rayft.config import load_config, validate_config
+from rayft.trainer import fit
+from tests.conftest import base_config
+from tests.fixtures.data import sentiment_rows, write_jsonl
+
+METRIC_KEYS = {
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "eval_loss",
+    "train_loss",
+    "train_samples_per_second",
+    "wall_seconds",
+}
+
+
+def run(config: dict) -> tuple[dict, Path]:
+    metrics = fit(validate_config(config))
+    return metrics, Path(config["output_dir"])
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def history(out: Path) -> list[dict]:
+    return read_jsonl(out / "history.jsonl")
+
+
+def predict(model_dir: Path, texts: list[str]) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+
+
+def assert_learned(metrics: dict, out: Path) -> None:
+    steps = history(out)
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert metrics["eval_loss"] < math.log(2) - 0.1
+    assert metrics["accuracy"] > metrics["baselines"]["majority"]["accuracy"] + 0.3
+
+
+def test_full_zero2_uneven_shards_string_labels(tmp_path, ray_session, tiny_model, toy_data):
+    out = tmp_path / "full"
+    metrics, out = run(base_config(tiny_model, toy_data, out))
+
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["baselines"]["majority"]["accuracy"] == 0.5
+    assert_learned(metrics, out)
+    assert metrics["accuracy"] >= 0.9
+    # 257 rows on 2 workers: one row repeated, nothing dropped, 3 epochs all completed.
+    assert metrics["train_samples"] == 3 * 258
+    assert metrics["train_rows"] == 257
+    # The resolved config is saved and is itself a valid config.
+    assert load_config(out / "config.yaml").deepspeed.stage == 2
+
+    # The saved model reloads and predicts exactly what the run's final evaluation did.
+    model_dir = out / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert (model_dir / "model.safetensors").is_file()
+    predicted = read_jsonl(out / "eval_predictions.jsonl")
+    texts = [read_jsonl(toy_data["eval"])[p["line"] - 1]["text"] for p in predicted]
+    probs = torch.softmax(predict(model_dir, texts), -1)
+    assert [config["id2label"][str(i)] for i in probs.argmax(-1).tolist()] == [
+        p["prediction"] for p in predicted
+    ]
+    assert torch.allclose(
+        probs.max(-1).values, torch.tensor([p["score"] for p in predicted]), atol=1e-4
+    )
+
+
+def test_lora_zero3_integer_labels_adapter_and_merged_model_agree(
+    tmp_path, ray_session, tiny_model
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = sentiment_rows(257, seed=3, labels=(0, 1))
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(48, seed=4, labels=(0, 1))),
+    }
+    config = base_config(
+        tiny_model,
+        data,
+        tmp_path / "lora",
+        method="lora",
+        deepspeed={"stage": 3},
+        train={"lr": 1e-2, "epochs": 4},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    )
+    metrics, out = run(config)
+    assert_learned(metrics, out)
+
+    adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert set(adapter_config["target_modules"]) == {"query", "value"}  # inferred for BERT
+    texts = [r["text"] for r in read_jsonl(data["eval"])[:16]]
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        adapter_logits = with_adapter(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(adapter_logits, predict(out / "model", texts), atol=1e-5)
+
+
+def test_frozen_zero3_trains_only_the_head(tmp_path, ray_session, tiny_model, toy_data):
+    config = base_config(
+        tiny_model,
+        toy_data,
+        tmp_path / "frozen",
+        method="frozen",
+        deepspeed={"stage": 3},
+        train={"lr": 5e-2, "epochs": 3},
+    )
+    _, out = run(config)
+    steps = history(out)
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]  # only the head can have moved
+
+    trained = load_file(out / "model/model.safetensors")
+    pretrained = load_file(Path(tiny_model) / "model.safetensors")
+    body = {k: v for k, v in trained.items() if not k.startswith("classifier.")}
+    assert body, "the exported model has a body"
+    for name, value in body.items():
+        assert torch.equal(value, pretrained[name.removeprefix("bert.")]), name
+
+
+def test_two_stage_zero2_with_cpu_offload(tmp_path, ray_session, tiny_model, toy_data):
+    config = base_config(
+        tiny_model,
+        toy_data,
+        tmp_path / "two",
+        method="two_stage",
+        deepspeed={"stage": 2, "offload_optimizer": True},
+        two_stage={"head_epochs": 1, "head_lr": 5e-2},
+        train={"lr": 2e-3, "epochs": 3},
+    )
+    metrics, out = run(config)
+    assert_learned(metrics, out)
+    phases = [h["phase"] for h in history(out)]
+    assert phases[0] == "head" and phases[-1] == "full"
+    assert metrics["epoch"] == 4.0  # 1 head-only epoch + 3 of everything
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["deepspeed"]["offload_optimizer"] is True
