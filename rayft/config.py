@@ -61,15 +61,62 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Model config attributes to override at load time, e.g. "
+        "`{hidden_dropout_prob: 0.0}`; unknown attributes are an error.",
+    )
+
+
+class CleanConfig(_Section):
+    unicode: Literal["NFC", "NFKC"] | None = Field(
+        "NFC", description="Unicode normalization form (null: leave as is)."
+    )
+    collapse_whitespace: bool = Field(
+        True, description="Runs of whitespace (newlines, tabs) become one space; ends trimmed."
+    )
+    remove_control: bool = Field(
+        True, description="Remove control characters and invisible zero-width marks."
+    )
+    strip_html: bool = Field(False, description="Drop HTML tags and unescape entities.")
+
+
+class DedupConfig(_Section):
+    exact: bool = Field(
+        True, description="Drop rows whose normalized text (case, spacing) repeats a kept one."
+    )
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="Estimated Jaccard similarity that makes a near-duplicate."
+    )
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations.")
+    shingle_size: int = Field(5, ge=1, description="Character n-gram size of the shingles.")
+    remove_contaminated: bool = Field(
+        True,
+        description="Remove training rows that duplicate (exactly or nearly) an eval/test "
+        "row. Counted in the report either way.",
+    )
 
 
 class DataConfig(_Section):
     train: str | list[str] = Field(
-        description="Training data: file path(s) or glob(s). Format by extension: "
-        "`.jsonl`, `.json` (lines), `.csv`, `.tsv`, `.parquet`."
+        description="Training data: file path(s), glob(s) or directories. Format by "
+        "extension: `.jsonl` / `.json` (JSON lines), `.csv`, `.tsv`, `.parquet`, `.txt` "
+        "(one example per line), any of them `.gz`; a directory written by "
+        "`datasets.save_to_disk`; or `hf://<dataset>?split=<split>[&name=<config>]` for "
+        "the Hugging Face hub (or a local dataset directory) through `datasets`."
     )
     eval: str | list[str] | None = Field(
         None, description="Evaluation data, same forms as `data.train`."
+    )
+    test: str | list[str] | None = Field(
+        None, description="Held-out test data, same forms; evaluated once at the end."
+    )
+    split: dict[Literal["train", "eval", "test"], float] | None = Field(
+        None,
+        description="Carve splits out of `data.train` by a hash of each row's normalized "
+        "text (stable across runs and machines), e.g. `{train: 0.9, eval: 0.1}`; used "
+        "when `data.eval` is not given.",
     )
     text_column: str = Field("text", description="Column holding the input text.")
     text_pair_column: str | None = Field(
@@ -79,11 +126,40 @@ class DataConfig(_Section):
     labels: list[str | int] | None = Field(
         None,
         description="The allowed labels, in id order. When unset, the labels found in "
-        "`data.train` are used, sorted (numerically when all are integers).",
+        "`data.train` are used, sorted (numerically when all are integers). Rows with "
+        "other labels are quarantined.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename source columns before use: `{source_name: name_used_here}`.",
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    min_chars: int = Field(1, ge=0, description="Rows with shorter text are filtered out.")
+    max_chars: int | None = Field(
+        100_000, ge=1, description="Longer text is truncated or dropped (`data.overlong`)."
+    )
+    min_tokens: int = Field(0, ge=0, description="Rows with fewer tokens are filtered out.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Rows with more tokens are truncated or dropped (`data.overlong`); "
+        "default: `train.max_seq_len`.",
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What happens to a row over `max_chars` / `max_tokens`."
+    )
+    max_bad_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Fail before training when a file has more quarantined rows than this "
+        "fraction (the error names the file and the top reasons with line numbers).",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where prepared Parquet shards are kept and reused "
+        "(default: `<storage_path>/prepared`). Must be shared storage on multi-node clusters.",
     )
     shuffle_buffer_rows: int = Field(
         10_000,
@@ -155,6 +231,12 @@ class TrainSection(_Section):
     eval_every_steps: int | None = Field(
         None, ge=1, description="Also evaluate every N optimizer steps (default: each epoch)."
     )
+    group_by_length: int = Field(
+        8,
+        ge=0,
+        description="Sort rows by length within windows of this many micro-batches, then "
+        "shuffle the batches: far less padding, same randomness across windows (0 = off).",
+    )
     log_every_steps: int = Field(10, ge=1, description="Console progress line every N steps.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (smoke runs, benchmarks)."
@@ -169,6 +251,11 @@ class LoraSection(_Section):
         None,
         description="Module names to adapt; unset: peft's default for the architecture "
         "(e.g. query/value for BERT, q_proj/v_proj for Llama).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters, in addition to the new "
+        "head (e.g. `[pooler]` for a BERT pooler the checkpoint never trained).",
     )
 
 
@@ -242,8 +329,25 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
             f"deepspeed.precision={ds.precision} needs scaling.use_gpu=true; "
             "CPU workers train in fp32 (use precision=auto)"
         )
-    if cfg.data.eval is None:
-        problems.append("data.eval is required: give the evaluation file(s) or glob")
+    d = cfg.data
+    if d.eval is None and not (d.split and d.split.get("eval")):
+        problems.append(
+            "data.eval is required: give the evaluation file(s), or carve one from "
+            "data.train with data.split: {train: 0.9, eval: 0.1}"
+        )
+    if d.split is not None:
+        total = sum(d.split.values())
+        if abs(total - 1.0) > 1e-6 or not d.split.get("train"):
+            problems.append(
+                f"data.split fractions must include train and sum to 1, got {d.split} "
+                f"(sum {total:g})"
+            )
+        if any(v < 0 for v in d.split.values()):
+            problems.append(f"data.split fractions must be >= 0, got {d.split}")
+        if d.eval is not None and d.split.get("eval"):
+            problems.append("data.split carves an eval split but data.eval is also given")
+    if d.max_chars is not None and d.min_chars > d.max_chars:
+        problems.append(f"data.min_chars ({d.min_chars}) exceeds data.max_chars ({d.max_chars})")
     if cfg.model.trust_remote_code and not cfg.model.revision:
         problems.append(
             "model.trust_remote_code=true runs code from the checkpoint: pin it with "

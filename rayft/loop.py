@@ -7,6 +7,7 @@ reporting and checkpointing as configured. Finally gather the weights and export
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from rayft import checkpoint as ckpt
 from rayft import methods
 from rayft.config import RayftConfig
+from rayft.console import say
 from rayft.engine import initialize, zero3_init_context
 from rayft.modeling import build_model, load_tokenizer
 from rayft.tasks import Task, get_task
@@ -64,6 +67,36 @@ def seed_everything(seed: int) -> None:
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _rows(column: np.ndarray) -> np.ndarray:
+    """One entry per row: Ray returns a 2-D array when a batch's sequences share a length."""
+    if column.ndim == 1:
+        return column
+    rows = np.empty(len(column), dtype=object)
+    rows[:] = list(column)
+    return rows
+
+
+def length_grouped(
+    batches: Iterator[dict[str, np.ndarray]], window: int, rng: np.random.Generator
+) -> Iterator[dict[str, np.ndarray]]:
+    """Regroup each window of ``window`` micro-batches so rows of similar length share a
+    batch (less padding), then yield those batches in random order. The number of batches
+    (and rows) is unchanged, so every rank still runs the same number of steps."""
+    if window <= 1:
+        yield from batches
+        return
+    while True:
+        chunk = list(itertools.islice(batches, window))
+        if not chunk:
+            return
+        size = len(chunk[0]["input_ids"])
+        merged = {k: np.concatenate([_rows(b[k]) for b in chunk]) for k in chunk[0]}
+        order = np.argsort([len(x) for x in merged["input_ids"]], kind="stable")
+        groups = [order[i : i + size] for i in range(0, len(order), size)]
+        for index in rng.permutation(len(groups)):
+            yield {k: v[groups[index]] for k, v in merged.items()}
 
 
 class _LossMeter:
@@ -144,22 +177,31 @@ def evaluate(
 
 
 class _Progress:
-    """Rank 0's console line: step, loss, lr, samples/s, ETA."""
+    """Rank 0's console line: step, loss, lr, samples/s, ETA from the pace of training so
+    far (model loading and evaluation excluded)."""
 
     def __init__(self, total_steps: int, start_step: int):
         self.total = total_steps
         self.start_step = start_step
         self.started = time.time()
 
-    def line(self, phase: str, epoch: float, step: int, loss: float, lr: float, sps: float) -> str:
-        done = max(step - self.start_step, 1)
-        elapsed = time.time() - self.started
-        eta = elapsed / done * max(self.total - step, 0)
+    def line(
+        self,
+        phase: str,
+        epoch: float,
+        step: int,
+        loss: float,
+        lr: float,
+        samples: int,
+        train_seconds: float,
+    ) -> str:
+        per_step = train_seconds / max(step - self.start_step, 1)
+        eta = per_step * max(self.total - step, 0)
         pct = 100.0 * step / max(self.total, 1)
         return (
-            f"[rayft] {phase} epoch {epoch:.2f} step {step}/{self.total} ({pct:.0f}%) "
-            f"loss {loss:.4f} lr {lr:.2e} | {sps:.1f} samples/s | "
-            f"elapsed {_hms(elapsed)} ETA {_hms(eta)}"
+            f"{phase} epoch {epoch:.2f} step {step}/{self.total} ({pct:.0f}%) "
+            f"loss {loss:.4f} lr {lr:.2e} | {samples / max(train_seconds, 1e-9):.1f} samples/s "
+            f"| elapsed {_hms(time.time() - self.started)} ETA {_hms(eta)}"
         )
 
 
@@ -198,8 +240,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resume_dir = restored.to_directory()
         state = ckpt.read_state(resume_dir)
         if rank == 0:
-            print(
-                f"[rayft] resuming from checkpoint at step {state['step']} "
+            say(
+                f"resuming from checkpoint at step {state['step']} "
                 f"(phase {phases[state['phase']].name}, epoch {state['epoch']})"
             )
     history: list[dict[str, Any]] = state["history"]
@@ -224,9 +266,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         nonlocal last_eval
         if do_eval:
             last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
+        epochs_before = sum(p.epochs for p in phases[: phases.index(phase)])
         metrics = {
             "step": step,
-            "epoch": round(epoch_progress, 4),
+            "epoch": round(epochs_before + epoch_progress, 4),
             "phase": phase.name,
             "train_loss": loss_run.global_mean(),
             "lr": engine.get_lr()[0],
@@ -251,7 +294,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
-            print(f"[rayft] eval at step {step}: {shown}")
+            say(f"eval at step {step}: {shown}")
         ray.train.report(metrics, checkpoint=checkpoint)
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
@@ -269,6 +312,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         model = methods.apply(model, heads, cfg, phase, task.peft_task_type)
         trainable, total = methods.trainable_summary(model)
         phase_steps = phase.epochs * plan.steps_per_epoch
+        if t.max_steps:  # the schedule spans the capped run, as in HF's Trainer
+            before = sum(p.epochs for p in phases[:phase_index]) * plan.steps_per_epoch
+            phase_steps = max(1, min(phase_steps, t.max_steps - before))
         engine = initialize(model, cfg, phase.lr, phase_steps, world)
         start_epoch, skip_micro = 0, 0
         if resume_dir is not None and phase_index == state["phase"]:
@@ -277,8 +323,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if skip_micro >= plan.micro_per_epoch:
                 start_epoch, skip_micro = start_epoch + 1, 0
         if rank == 0:
-            print(
-                f"[rayft] phase '{phase.name}': {trainable:,} of {total:,} parameters train "
+            say(
+                f"phase '{phase.name}': {trainable:,} of {total:,} parameters train "
                 f"({100.0 * trainable / max(total, 1):.2f}%), lr {phase.lr:g}, "
                 f"{phase.epochs} epoch(s) x {plan.steps_per_epoch} steps, ZeRO stage "
                 f"{cfg.deepspeed.stage}, {world} worker(s)"
@@ -287,14 +333,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         engine.train()
         for epoch in range(start_epoch, phase.epochs):
             micro_done = 0
+            epoch_seed = t.seed + 7919 * epoch + 104729 * phase_index + rank
             batches = train_shard.iter_batches(
                 batch_size=t.batch_size,
                 batch_format="numpy",
                 prefetch_batches=2,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-                local_shuffle_seed=t.seed + 7919 * epoch + rank
-                if cfg.data.shuffle_buffer_rows
-                else None,
+                local_shuffle_seed=epoch_seed if cfg.data.shuffle_buffer_rows else None,
+            )
+            batches = length_grouped(
+                iter(batches), t.group_by_length, np.random.default_rng(epoch_seed)
             )
             tick = time.perf_counter()
             waited = time.perf_counter()
@@ -331,14 +379,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 epoch_progress = epoch + micro_done / plan.micro_per_epoch
                 overall_epoch = epoch_progress + sum(p.epochs for p in phases[:phase_index])
                 if rank == 0 and step % t.log_every_steps == 0:
-                    print(
+                    say(
                         progress.line(
                             phase.name,
                             overall_epoch,
                             step,
                             loss_run.local_mean(),
                             engine.get_lr()[0],
-                            samples / max(train_seconds, 1e-9),
+                            samples,
+                            train_seconds,
                         )
                     )
                 stop = bool(t.max_steps and step >= t.max_steps)

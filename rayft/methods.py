@@ -51,7 +51,7 @@ def lora_config(cfg: RayftConfig, heads: list[str], task_type: str) -> Any:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
-        modules_to_save=heads or None,
+        modules_to_save=sorted({*heads, *cfg.lora.modules_to_save}) or None,
     )
 
 

@@ -53,13 +53,12 @@ def build_model(task: Task, cfg: RayftConfig, labels: list[str]) -> tuple[Any, l
     m = cfg.model
     model, info = task.auto_class().from_pretrained(
         m.name_or_path,
+        config=model_config(task, cfg, labels),
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
         dtype=torch_dtype(cfg),
         output_loading_info=True,
-        **task.model_kwargs(labels),
     )
-    _set_pad_token(model.config, cfg)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, head_modules(model, info.get("missing_keys", ()))
@@ -67,25 +66,34 @@ def build_model(task: Task, cfg: RayftConfig, labels: list[str]) -> tuple[Any, l
 
 def build_skeleton(task: Task, cfg: RayftConfig, labels: list[str]) -> Any:
     """The same architecture with untrained weights (to load a trained state dict into)."""
+    return task.auto_class().from_config(
+        model_config(task, cfg, labels),
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=torch.float32,
+    )
+
+
+def model_config(task: Task, cfg: RayftConfig, labels: list[str]) -> Any:
+    """The checkpoint's config with the task's head settings and `model.config_overrides`."""
     from transformers import AutoConfig
 
     m = cfg.model
-    model_config = AutoConfig.from_pretrained(
+    config = AutoConfig.from_pretrained(
         m.name_or_path,
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
         **task.model_kwargs(labels),
     )
-    _set_pad_token(model_config, cfg)
-    return task.auto_class().from_config(
-        model_config, trust_remote_code=m.trust_remote_code, dtype=torch.float32
-    )
-
-
-def _set_pad_token(model_config: Any, cfg: RayftConfig) -> None:
+    for key, value in m.config_overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(
+                f"model.config_overrides: {type(config).__name__} has no attribute '{key}'"
+            )
+        setattr(config, key, value)
     # Decoders classify from the last non-pad token, so they must know which id pads.
-    if getattr(model_config, "pad_token_id", None) is None:
-        model_config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    return config
 
 
 def head_modules(model: torch.nn.Module, missing_keys: Any) -> list[str]:

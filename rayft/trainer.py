@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from rayft import checkpoint as ckpt
 from rayft.config import RayftConfig, dump_config, resolve_paths
+from rayft.console import say
 from rayft.data import fs
 from rayft.data.prepare import Prepared, check_sources, prepare
 from rayft.evaluate import majority_baseline
@@ -42,11 +45,39 @@ def _mark_pad(batch: dict[str, np.ndarray], *, value: bool) -> dict[str, np.ndar
     return batch
 
 
+@contextlib.contextmanager
+def _ordered_data() -> Iterator[None]:
+    """Ray Data keeps block order (and so each worker's rows) identical from run to run."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def ingest_options() -> Any:
+    """Ray Train's data ingest options, in order, so runs are reproducible."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
     """Streaming datasets of tokenized rows. Each split is padded by repeating its first
     rows up to a multiple of the worker count (as torch's DistributedSampler does), so
     Ray's equal split drops nothing and every worker runs the same number of steps;
     padded eval rows are flagged and left out of the metrics."""
+    with _ordered_data():
+        return _build_datasets(cfg, prepared, plan)
+
+
+def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
     import ray.data
 
     columns = [*get_task(cfg.task).fields, "_source", "_line"]
@@ -89,7 +120,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
 ) -> Any:
     """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -118,6 +149,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
 
 
@@ -169,8 +201,8 @@ def _print_plan(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> None:
     t, world = cfg.train, cfg.scaling.num_workers
     pad = plan.pad_rows.get("train", 0)
     padding = f" (+{pad} repeated to split evenly)" if pad else ""
-    print(
-        f"[rayft] {prepared.rows['train']:,} train rows{padding}, {prepared.rows['eval']:,} "
+    say(
+        f"{prepared.rows['train']:,} train rows{padding}, {prepared.rows['eval']:,} "
         f"eval rows, {len(plan.labels)} labels; {world} worker(s) x micro-batch "
         f"{t.batch_size} x grad_accum {t.grad_accum} = {world * t.batch_size * t.grad_accum} "
         f"rows per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps in all"
@@ -218,8 +250,8 @@ def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
             f"(majority-class baseline: accuracy {majority['accuracy']:.4f}, "
             f"f1 {majority['f1']:.4f})"
         )
-    print(f"[rayft] done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
+    say(f"done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
     where = os.path.join(cfg.output_dir, ckpt.MODEL_DIR)
     adapter = os.path.join(cfg.output_dir, ckpt.ADAPTER_DIR)
     extra = f" (peft adapter: {adapter})" if cfg.method == "lora" else ""
-    print(f"[rayft] model saved to {where}{extra}; metrics in {cfg.output_dir}/metrics.json")
+    say(f"model saved to {where}{extra}; metrics in {cfg.output_dir}/metrics.json")

@@ -130,11 +130,15 @@ def test_frozen_zero3_trains_only_the_head(tmp_path, ray_session, tiny_model, to
         tmp_path / "frozen",
         method="frozen",
         deepspeed={"stage": 3},
-        train={"lr": 5e-2, "epochs": 3},
+        train={"lr": 5e-2, "epochs": 3, "grad_accum": 2, "lr_schedule": "cosine"},
     )
-    _, out = run(config)
+    metrics, out = run(config)
     steps = history(out)
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]  # only the head can have moved
+    # 129 rows per worker = 17 micro-batches; accumulating 2 gives 9 steps per epoch, the
+    # last one closing a group of 1 so that every epoch ends on an optimizer step.
+    assert [h["step"] for h in steps] == [9, 18, 27]
+    assert metrics["lr"] == 0.0  # cosine decayed to zero at the last step
 
     trained = load_file(out / "model/model.safetensors")
     pretrained = load_file(Path(tiny_model) / "model.safetensors")

@@ -1,0 +1,127 @@
+"""Pure pieces of the training path: schedules, DeepSpeed config, baselines, batching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from rayft.config import validate_config
+from rayft.engine import deepspeed_config, lr_lambda
+from rayft.evaluate import majority_baseline
+from rayft.loop import Plan, length_grouped
+
+BASE = {"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl", "eval": "b.jsonl"}}
+
+
+def cfg(**sections):
+    return validate_config({**BASE, **sections})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_warms_up_then_decays(schedule):
+    factor = lr_lambda(cfg(train={"warmup_ratio": 0.1, "lr_schedule": schedule}), 100)
+    values = [factor(s) for s in range(100)]
+    assert values[0] == pytest.approx(1 / 11)  # (step + 1) / (warmup + 1), warmup = 10
+    assert values[9] == pytest.approx(10 / 11) and values[10] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:10], values[1:11], strict=True))
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+        mid = values[55]
+        expected = 0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.5))
+        assert mid == pytest.approx(expected, abs=1e-9)
+        assert values[-1] < 0.02
+
+
+def test_deepspeed_config_follows_ours():
+    ds = deepspeed_config(
+        cfg(
+            deepspeed={"stage": 3, "offload_optimizer": True, "offload_param": True},
+            train={"batch_size": 4, "grad_accum": 3, "max_grad_norm": 0.5},
+        ),
+        world_size=2,
+    )
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["type"] == "AdamW"  # ZeRO-Offload steps with DeepSpeed's CPUAdam
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # CPU: fp32
+    plain = deepspeed_config(cfg(deepspeed={"stage": 0}), world_size=1)
+    assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"]
+    merged = deepspeed_config(
+        cfg(deepspeed={"overrides": {"zero_optimization": {"reduce_bucket_size": 1000}}}), 1
+    )
+    assert merged["zero_optimization"] == {
+        "stage": 2,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 1000,
+    }
+
+
+def test_majority_baseline_matches_sklearn():
+    labels = ["a", "b", "c"]
+    train = {"a": 5, "b": 9, "c": 1}
+    eval_counts = {"a": 4, "b": 3, "c": 2}
+    refs = [0] * 4 + [1] * 3 + [2] * 2
+    preds = [1] * len(refs)
+    p, r, f, _ = precision_recall_fscore_support(
+        refs, preds, labels=[0, 1, 2], average="macro", zero_division=0
+    )
+    got = majority_baseline(train, eval_counts, labels)
+    assert got["label"] == "b"
+    assert got["accuracy"] == pytest.approx(accuracy_score(refs, preds))
+    assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
+
+
+def test_plan_pads_to_the_worker_count_and_counts_steps():
+    plan = Plan.derive(
+        cfg(train={"batch_size": 8, "grad_accum": 2, "epochs": 3}),
+        ["a", "b"],
+        {"train": 257, "eval": 31},
+        world=2,
+    )
+    assert plan.pad_rows == {"train": 1, "eval": 1}
+    assert plan.train_rows == 258 and plan.eval_rows == 32
+    assert plan.micro_per_epoch == 17  # ceil(129 / 8)
+    assert plan.steps_per_epoch == 9  # ceil(17 / 2): the epoch's last group is shorter
+    assert plan.total_steps == 27
+    two_stage = Plan.derive(
+        cfg(method="two_stage", two_stage={"head_epochs": 2}, train={"max_steps": 5}),
+        ["a", "b"],
+        {"train": 100, "eval": 10},
+        world=1,
+    )
+    assert two_stage.total_steps == 5
+
+
+def _batch(lengths, start):
+    ids = np.empty(len(lengths), dtype=object)
+    ids[:] = [np.arange(n) for n in lengths]
+    return {"input_ids": ids, "labels": np.arange(start, start + len(lengths))}
+
+
+def test_length_grouping_keeps_every_row_and_the_batch_count():
+    rng = np.random.default_rng(0)
+    batches = [_batch(rng.integers(1, 60, 8), 8 * i) for i in range(10)] + [_batch([3, 4], 80)]
+    out = list(length_grouped(iter(batches), 4, np.random.default_rng(1)))
+    assert len(out) == len(batches)
+    assert sorted(np.concatenate([b["labels"] for b in out]).tolist()) == list(range(82))
+    for b in out:  # rows keep their own label
+        for ids, label in zip(b["input_ids"], b["labels"], strict=True):
+            src = batches[label // 8]["input_ids"][label % 8] if label < 80 else None
+            if src is not None:
+                assert len(ids) == len(src)
+    # Within a window, batches hold rows of similar length: far less padding.
+    padded = sum(len(b["input_ids"]) * max(map(len, b["input_ids"])) for b in out[:8])
+    original = sum(len(b["input_ids"]) * max(map(len, b["input_ids"])) for b in batches[:8])
+    assert padded < 0.8 * original
+    # Equal-length rows arrive from Ray as one 2-D array; they regroup too.
+    square = {"input_ids": np.ones((8, 5), dtype=np.int32), "labels": np.arange(8)}
+    assert len(list(length_grouped(iter([square, batches[0]]), 2, rng))) == 2
