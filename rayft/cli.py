@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from rayft.config import ConfigError, load_config, resolve_paths
@@ -33,6 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _config_args(validate)
+    data = verbs.add_parser("data", help="the data stage on its own").add_subparsers(
+        dest="data_verb", required=True
+    )
+    prepare = data.add_parser(
+        "prepare",
+        help="read, clean, deduplicate and split the data; write the Parquet shards "
+        "that `train` reuses, data_report.json/.png and quarantine/",
+        epilog=help_epilog(),
+        formatter_class=formatter,
+    )
+    _config_args(prepare)
+    synth = data.add_parser("synth", help="write a synthetic labeled corpus (jsonl shards)")
+    synth.add_argument("--rows", type=int, required=True, help="rows to write")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--files", type=int, default=4, help="number of jsonl files")
+    synth.add_argument("--duplicate-rate", type=float, default=0.05)
+    synth.add_argument("--near-duplicate-rate", type=float, default=0.02)
+    synth.add_argument("--bad-rate", type=float, default=0.01, help="share of unusable rows")
+    synth.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -53,7 +73,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate}
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_verb == "synth":
+        from rayft.data.synth import synthesize
+
+        manifest = synthesize(
+            args.out,
+            args.rows,
+            files=args.files,
+            duplicate_rate=args.duplicate_rate,
+            near_duplicate_rate=args.near_duplicate_rate,
+            bad_rate=args.bad_rate,
+            seed=args.seed,
+        )
+        print(f"wrote {args.rows:,} rows to {args.out}/ ({json.dumps(manifest)})")
+        return 0
+    from rayft.data.prepare import check_sources, prepare
+    from rayft.trainer import init_ray
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    files = check_sources(cfg)
+    init_ray(cfg)
+    prepared = prepare(cfg, files)
+    rows = ", ".join(f"{split} {n:,}" for split, n in prepared.rows.items())
+    print(f"prepared {rows} rows in {prepared.root}; report: {cfg.output_dir}/data_report.json")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,8 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
     columns = [*get_task(cfg.task).fields, "_source", "_line"]
     cfg_json = cfg.model_dump_json()
     datasets = {}
-    for split, path in prepared.splits.items():
+    for split in ("train", "eval"):
+        path = prepared.splits[split]
         rows = ray.data.read_parquet(path, columns=columns)
         ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="numpy")
         pad = plan.pad_rows.get(split, 0)

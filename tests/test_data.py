@@ -87,9 +87,9 @@ def test_labels_are_canonical_strings_sorted_numerically_when_integers():
     assert sort_labels(["World", "Sci/Tech", "Business"]) == ["Business", "Sci/Tech", "World"]
 
 
-def _cfg(tmp_path, train, eval_, **data):
+def _cfg(tmp_path, train, eval_, model="unused", **data):
     raw = {
-        "model": {"name_or_path": "unused"},
+        "model": {"name_or_path": model},
         "data": {"train": train, "eval": eval_, **data},
         "output_dir": str(tmp_path / "out"),
     }
@@ -129,7 +129,7 @@ def _write(path, rows):
     return str(path)
 
 
-def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_session):
+def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_session, tiny_model):
     train = _write(
         tmp_path / "train.jsonl",
         [
@@ -146,11 +146,11 @@ def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_sess
         ],
     )
     eval_ = _write(tmp_path / "eval.jsonl", [{"text": "x", "label": "Sports"}])
-    cfg = _cfg(tmp_path, train, eval_)
+    cfg = _cfg(tmp_path, train, eval_, model=tiny_model, max_bad_fraction=1.0)
     prepared = prepare(cfg)
     assert prepared.labels == ["Business", "Sci/Tech", "Sports", "World"]
     split = prepared.report["splits"]["train"]
-    assert split["lines_read"] == 10 and split["blank_lines"] == 1 and split["rows"] == 9
+    assert split["read"] == 9 and split["blank_lines"] == 1
     assert split["kept"] == 4
     assert split["quarantined"] == {
         "invalid_json": 1,
@@ -159,7 +159,7 @@ def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_sess
         "missing_text": 1,
         "missing_label": 1,
     }
-    assert split["rows"] == split["kept"] + sum(split["quarantined"].values())
+    assert split["read"] == split["kept"] + sum(split["quarantined"].values())
     quarantine = read_jsonl(tmp_path / "out/quarantine/train.jsonl")
     assert sorted((q["line"], q["reason"]) for q in quarantine) == [
         (4, "invalid_json"),
@@ -175,22 +175,26 @@ def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_sess
     assert prepare(cfg).reused
 
 
-def test_unseen_eval_label_is_an_error_naming_label_file_and_line(tmp_path, ray_session):
+def test_unseen_eval_label_is_an_error_naming_label_file_and_line(
+    tmp_path, ray_session, tiny_model
+):
     train = _write(tmp_path / "t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     eval_ = _write(tmp_path / "e.jsonl", [{"text": "c", "label": 1}, {"text": "d", "label": 2}])
     with pytest.raises(DataError) as info:
-        prepare(_cfg(tmp_path, train, eval_))
+        prepare(_cfg(tmp_path, train, eval_, model=tiny_model))
     message = str(info.value)
     assert "data.eval label '2'" in message and f"{eval_} line 2" in message
     assert "never occurs in data.train (labels: 0, 1)" in message
     # Declaring the full label set instead turns the rows outside it into quarantine.
-    prepared = prepare(_cfg(tmp_path, train, eval_, labels=[0, 1]))
+    prepared = prepare(
+        _cfg(tmp_path, train, eval_, model=tiny_model, labels=[0, 1], max_bad_fraction=1)
+    )
     assert prepared.report["splits"]["eval"]["quarantined"] == {"label_not_allowed": 1}
     assert prepared.labels == ["0", "1"]
 
 
-def test_a_split_with_no_usable_rows_fails_with_the_reasons(tmp_path, ray_session):
+def test_a_split_with_no_usable_rows_fails_with_the_reasons(tmp_path, ray_session, tiny_model):
     train = _write(tmp_path / "t.jsonl", ["{bad", {"text": "", "label": 1}])
     eval_ = _write(tmp_path / "e.jsonl", [{"text": "c", "label": 1}])
     with pytest.raises(DataError, match=r"data.train: no usable rows .*invalid_json \(1\)"):
-        prepare(_cfg(tmp_path, train, eval_))
+        prepare(_cfg(tmp_path, train, eval_, model=tiny_model, max_bad_fraction=1))

@@ -36,6 +36,11 @@ def write_json(path: str, value: Any) -> None:
         stream.write(json.dumps(value, indent=2).encode())
 
 
+def exists(path: str) -> bool:
+    filesystem, where = _resolve(path)
+    return filesystem.get_file_info(where).type != pafs.FileType.NotFound
+
+
 def remove(path: str) -> None:
     filesystem, where = _resolve(path)
     if filesystem.get_file_info(where).type == pafs.FileType.Directory:
@@ -43,7 +48,10 @@ def remove(path: str) -> None:
 
 
 def fingerprint(path: str) -> list[Any]:
-    """(path, size, mtime) of a file: enough to notice that an input changed."""
+    """(path, size, mtime) of a file: enough to notice that an input changed. A hub
+    dataset is known by its spec (pin `&revision=` to make reuse exact)."""
+    if path.startswith("hf://"):
+        return [path]
     filesystem, where = _resolve(path)
     info = filesystem.get_file_info(where)
     mtime = info.mtime_ns if info.mtime_ns is not None else None

@@ -1,10 +1,19 @@
-"""The data stage: raw files -> annotated rows -> Parquet shards that training streams.
+"""The data stage: raw files -> clean, filtered, deduplicated Parquet shards that training
+streams.
 
-Every record read is annotated with where it came from and, when unusable, why. Rows are
-written once, partitioned into ``part=<split>`` (kept) and ``part=rejected``; the counts in
-``data_report.json`` and the quarantine files are computed from those shards, so what the
-report says is exactly what training reads. The shards are keyed by a hash of the data
-config and the input files, and reused when neither changed.
+Three Ray Data passes, none of which gathers rows on the driver:
+
+1. *annotate*: read every record with its provenance, extract the task's fields, clean the
+   text, assign the split (by hash of the normalized text when ``data.split`` is set),
+   apply the length filters and compute the keys deduplication needs.
+2. *deduplicate*: exact and MinHash-LSH near duplicates, within and across splits
+   (``rayft.data.dedup``); the result is a small table of marks.
+3. *finalize*: the marks are broadcast to the tasks that rewrite the rows, partitioned
+   into ``part=<split>`` (kept) and ``part=<rejected|filtered|deduplicated|blank>``.
+
+The report's counts are computed from the final shards, so what ``data_report.json`` says
+is exactly what training reads. The shards are keyed by a hash of the data config, the
+tokenizer and the input files, and reused when none of them changed.
 """
 
 from __future__ import annotations
@@ -20,20 +29,26 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from rayft import __version__
 from rayft.config import DataConfig, RayftConfig
-from rayft.data import fs
+from rayft.console import say
+from rayft.data import dedup, fs
+from rayft.data.clean import clean_text, dedup_text, split_of, stable_hash
 from rayft.data.read import BLANK, DataError, expand_sources, peek_columns, read_records
 from rayft.tasks import Task, get_task
-from rayft.tasks.common import canonical_label, sort_labels
+from rayft.tasks.common import canonical_label, max_tokens, sort_labels
 
-PREPARE_VERSION = 1
-SPLITS = ("train", "eval")
-REJECTED = "rejected"
+PREPARE_VERSION = 2
+SPLITS = ("train", "eval", "test")
+REJECTED, FILTERED, DEDUPLICATED = "rejected", "filtered", "deduplicated"
 META_FILE = "prepared.json"
 PEEK_FILES = 64  # files whose header is checked on the driver before anything starts
+EXAMPLE_LINES = 5  # line numbers per (file, reason) kept for error messages
+CHAR_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+TOKEN_EDGES = [0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 @dataclass
@@ -56,6 +71,14 @@ class Prepared:
 
 def split_fields(cfg: RayftConfig) -> dict[str, str | list[str]]:
     return {name: getattr(cfg.data, name) for name in SPLITS if getattr(cfg.data, name)}
+
+
+def output_splits(cfg: RayftConfig) -> list[str]:
+    """The splits the stage produces: the files given, or `data.split`'s carving of train."""
+    named = set(split_fields(cfg))
+    if cfg.data.split and cfg.data.eval is None:
+        named |= set(cfg.data.split)
+    return [s for s in SPLITS if s in named]
 
 
 def required_columns(cfg: RayftConfig) -> dict[str, str]:
@@ -97,7 +120,7 @@ def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
     return files
 
 
-# --------------------------------------------------------------------- annotation (Ray)
+# ------------------------------------------------------------- pass 1: annotate (Ray)
 
 
 def _annotated_schema(task: Task) -> pa.Schema:
@@ -109,107 +132,391 @@ def _annotated_schema(task: Task) -> pa.Schema:
             ("_line", pa.int64()),
             ("_raw", pa.string()),
             ("_reason", pa.string()),
+            ("_uid", pa.int64()),
+            ("_key", pa.int64()),
+            ("_sig", pa.binary()),
+            ("_chars", pa.int64()),
+            ("_tokens", pa.int64()),
+            ("_truncated", pa.string()),
+            ("_cleaned", pa.list_(pa.string())),
+            ("_dedup", pa.string()),
             *task.fields.items(),
         ]
     )
 
 
-def annotate_block(table: pa.Table, *, task_name: str, data: DataConfig, split: str) -> pa.Table:
-    """Raw records -> rows with the task's fields, or the reason they cannot be used."""
-    task = get_task(task_name)
-    out: dict[str, list[Any]] = defaultdict(list)
-    for row in table.to_pylist():
-        reason, fields = row["_reason"], None
-        if reason is None:
-            record = json.loads(row["_record"])
-            if data.columns:
-                record = {data.columns.get(k, k): v for k, v in record.items()}
-            fields, reason = task.extract(record, data)
-        part = split if reason is None else ("blank" if reason == BLANK else REJECTED)
-        out["part"].append(part)
-        out["_split"].append(split)
-        out["_source"].append(row["_source"])
-        out["_line"].append(row["_line"])
-        out["_raw"].append(None if reason is None else row["_raw"])
-        out["_reason"].append(reason)
-        for name in task.fields:
-            out[name].append(None if fields is None else fields.get(name))
-    return pa.table(dict(out), schema=_annotated_schema(task))
+class _Row:
+    """One record on its way through annotation (plain attributes, no per-row dicts)."""
+
+    __slots__ = ("part", "reason", "fields", "split", "truncated", "cleaned", "chars", "tokens")
+
+    def __init__(self, reason: str | None, fields: dict | None, split: str):
+        self.reason, self.fields, self.split = reason, fields, split
+        self.part = split
+        self.truncated: str | None = None
+        self.cleaned: list[str] = []
+        self.chars = self.tokens = None
+
+    def reject(self, reason: str, part: str = REJECTED) -> None:
+        self.reason, self.part = reason, part
+
+
+def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
+    """Raw records -> rows with the task's cleaned fields, split, lengths and dedup keys,
+    or the reason they cannot be used (quarantine) or were filtered out."""
+    cfg = RayftConfig.model_validate_json(cfg_json)
+    task, data = get_task(cfg.task), cfg.data
+    carve = data.split if (split == "train" and data.split and data.eval is None) else None
+    rows: list[_Row] = []
+    for record_json, reason in zip(
+        table.column("_record").to_pylist(), table.column("_reason").to_pylist(), strict=True
+    ):
+        rows.append(_annotate_record(record_json, reason, task, data, split, carve))
+    _token_filters(rows, task, cfg)
+    texts = [
+        _joined_text(task, r.fields) if r.part not in (REJECTED, "blank") else None for r in rows
+    ]
+    near = data.dedup.near
+    sig_index = [
+        i for i, r in enumerate(rows) if near and r.part not in (REJECTED, FILTERED, "blank")
+    ]
+    sigs = dict(
+        zip(
+            sig_index,
+            dedup.signatures([dedup_text(texts[i]) for i in sig_index], data.dedup),
+            strict=True,
+        )
+    )
+    sources, lines = table.column("_source").to_pylist(), table.column("_line").to_pylist()
+    raws = table.column("_raw").to_pylist()
+    out: dict[str, list[Any]] = {
+        "part": [r.part for r in rows],
+        "_split": [r.split for r in rows],
+        "_source": sources,
+        "_line": lines,
+        "_raw": [raw if r.part == REJECTED else None for r, raw in zip(rows, raws, strict=True)],
+        "_reason": [r.reason for r in rows],
+        "_uid": [stable_hash(f"{s}\0{n}") for s, n in zip(sources, lines, strict=True)],
+        "_key": [None if t is None else stable_hash(dedup_text(t)) for t in texts],
+        "_sig": [sigs.get(i) for i in range(len(rows))],
+        "_chars": [r.chars for r in rows],
+        "_tokens": [r.tokens for r in rows],
+        "_truncated": [r.truncated for r in rows],
+        "_cleaned": [r.cleaned for r in rows],
+        "_dedup": [None] * len(rows),
+    }
+    for name in task.fields:
+        out[name] = [None if r.fields is None else r.fields.get(name) for r in rows]
+    return pa.table(out, schema=_annotated_schema(task))
+
+
+def _joined_text(task: Task, fields: dict[str, Any] | None) -> str | None:
+    if fields is None:
+        return None
+    return "\n".join(fields[f] for f in task.text_fields if fields.get(f) is not None)
+
+
+def _annotate_record(
+    record_json: str | None,
+    reason: str | None,
+    task: Task,
+    data: DataConfig,
+    split: str,
+    carve: dict[str, float] | None,
+) -> _Row:
+    if reason is not None:
+        row = _Row(reason, None, split)
+        row.part = "blank" if reason == BLANK else REJECTED
+        return row
+    record = json.loads(record_json)
+    if data.columns:
+        record = {data.columns.get(k, k): v for k, v in record.items()}
+    fields, reason = task.extract(record, data)
+    row = _Row(reason, fields, split)
+    if fields is None:
+        row.part = REJECTED
+        return row
+    steps: set[str] = set()
+    for name in task.text_fields:
+        if fields.get(name) is not None:
+            fields[name], changed = clean_text(fields[name], data.clean)
+            steps.update(changed)
+    row.cleaned = sorted(steps)
+    primary = fields[task.text_fields[0]]
+    if not primary:
+        row.reject("empty_after_cleaning")
+        return row
+    if carve:
+        row.split = row.part = split_of(dedup_text(_joined_text(task, fields)), carve)
+    row.chars = sum(len(fields[f]) for f in task.text_fields if fields.get(f) is not None)
+    if row.chars < data.min_chars:
+        row.reject("too_short_chars", FILTERED)
+    elif data.max_chars and row.chars > data.max_chars:
+        if data.overlong == "drop":
+            row.reject("too_long_chars", FILTERED)
+        else:
+            for name in task.text_fields:
+                if fields.get(name) is not None:
+                    fields[name] = fields[name][: data.max_chars]
+            row.truncated = "chars"
+    return row
+
+
+def _token_filters(rows: list[_Row], task: Task, cfg: RayftConfig) -> None:
+    """Count tokens of the rows still in play (one batched call) and apply the limits."""
+    from rayft.modeling import load_tokenizer
+
+    live = [r for r in rows if r.part not in (REJECTED, FILTERED, "blank")]
+    if not live:
+        return
+    tokenizer = load_tokenizer(cfg)
+    first, second = (list(task.text_fields) + [None])[:2]
+    texts = [r.fields[first] for r in live]
+    pairs = [r.fields.get(second) or "" for r in live] if second else None
+    if pairs is not None and not any(pairs):
+        pairs = None
+    with _quiet_tokenizer(tokenizer):
+        ids = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    data, limit = cfg.data, max_tokens(cfg)
+    for row, row_ids in zip(live, ids, strict=True):
+        row.tokens = len(row_ids)
+        if row.tokens < data.min_tokens:
+            row.reject("too_short_tokens", FILTERED)
+        elif row.tokens > limit:
+            if data.overlong == "drop":
+                row.reject("too_long_tokens", FILTERED)
+            elif row.truncated is None:
+                row.truncated = "tokens"
+
+
+@contextlib.contextmanager
+def _quiet_tokenizer(tokenizer: Any):
+    """Counting tokens of long rows is the point here: silence the 'longer than the
+    maximum' warning (truncation happens at tokenization, and is reported)."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e30)
+    try:
+        yield
+    finally:
+        tokenizer.model_max_length = saved
+
+
+# ---------------------------------------------------------- pass 3: finalize (Ray)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_marks(marks_dir: str) -> dict[int, str]:
+    """The dedup marks, loaded once per worker process: one entry per duplicate found
+    (small next to the corpus), broadcast to every task instead of shuffling the rows."""
+    import pyarrow.dataset as pads
+
+    if not fs.exists(marks_dir):
+        return {}
+    table = pads.dataset(marks_dir, format="parquet").to_table()
+    return dict(
+        zip(table.column("_uid").to_pylist(), table.column("_dedup").to_pylist(), strict=True)
+    )
+
+
+def finalize_block(table: pa.Table, *, marks_dir: str | None) -> pa.Table:
+    marks = _load_marks(marks_dir) if marks_dir else {}
+    table = table.drop_columns(["_sig"])
+    if not marks:
+        return table
+    parts, reasons, dedups = (table.column(c).to_pylist() for c in ("part", "_reason", "_dedup"))
+    for i, uid in enumerate(table.column("_uid").to_pylist()):
+        mark = marks.get(uid)
+        if mark is None:
+            continue
+        dedups[i] = mark
+        if not mark.endswith("_kept"):
+            parts[i], reasons[i] = DEDUPLICATED, mark
+    for name, values in (("part", parts), ("_reason", reasons), ("_dedup", dedups)):
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    return table
+
+
+# -------------------------------------------------------------------- counting (Ray)
+
+COUNT_KEYS = ["_split", "part", "_reason", "_dedup", "_source", "_truncated", "label"]
 
 
 def _count_block(table: pa.Table, *, label_field: str | None) -> pa.Table:
-    """Partial counts of one block: (split, part, reason, label) -> n."""
-    keys = ["_split", "part", "_reason"] + ([label_field] if label_field else [])
-    counted = Counter(zip(*(table.column(k).to_pylist() for k in keys), strict=True))
-    columns: dict[str, list[Any]] = {k: [] for k in keys}
-    columns["n"] = []
+    """Partial counts of one block: per key tuple, plus length histograms of kept rows
+    (rows with kind 'chars' / 'tokens' and a bin index)."""
+    columns = {k: table.column(k).to_pylist() for k in COUNT_KEYS[:-1]}
+    columns["label"] = (
+        table.column(label_field).to_pylist() if label_field else [None] * table.num_rows
+    )
+    counted: Counter = Counter(zip(*(columns[k] for k in COUNT_KEYS), strict=True))
+    cleaned: Counter = Counter()
+    for split, steps in zip(columns["_split"], table.column("_cleaned").to_pylist(), strict=True):
+        for step in steps or ():
+            cleaned[(split, step)] += 1
+    out: dict[str, list[Any]] = {k: [] for k in ["kind", *COUNT_KEYS, "bin", "n", "total", "max"]}
+
+    def emit(kind: str, key: tuple, bin_: int | None, n: int, total: int = 0, top: int = 0) -> None:
+        out["kind"].append(kind)
+        for name, value in zip(COUNT_KEYS, key, strict=True):
+            out[name].append(value)
+        out["bin"].append(bin_)
+        out["n"].append(n)
+        out["total"].append(total)
+        out["max"].append(top)
+
     for key, n in counted.items():
-        for name, value in zip(keys, key, strict=True):
-            columns[name].append(value)
-        columns["n"].append(n)
-    return pa.table(columns)
+        emit("rows", key, None, n)
+    for (split, step), n in cleaned.items():
+        emit("cleaned", (split, None, step, None, None, None, None), None, n)
+    parts = np.asarray(columns["part"], dtype=object)
+    splits = np.asarray(columns["_split"], dtype=object)
+    kept = parts == splits
+    for kind, edges in (("chars", CHAR_EDGES), ("tokens", TOKEN_EDGES)):
+        values = table.column(f"_{kind}").to_numpy(zero_copy_only=False)
+        for split in set(splits[kept]):
+            mask = kept & (splits == split)
+            lengths = values[mask].astype(np.int64)
+            bins = np.searchsorted(edges, lengths, side="right") - 1
+            for b, n in zip(*np.unique(bins, return_counts=True), strict=True):
+                in_bin = lengths[bins == b]
+                emit(
+                    kind,
+                    (split, None, None, None, None, None, None),
+                    int(b),
+                    int(n),
+                    int(in_bin.sum()),
+                    int(in_bin.max()),
+                )
+    return pa.table(out)
+
+
+def _collect_counts(rows_dir: str, label_field: str | None) -> list[dict[str, Any]]:
+    import ray.data
+
+    columns = [*COUNT_KEYS[:-1], "_cleaned", "_chars", "_tokens"] + (
+        [label_field] if label_field else []
+    )
+    partial = ray.data.read_parquet(rows_dir, columns=columns).map_batches(
+        functools.partial(_count_block, label_field=label_field), batch_format="pyarrow"
+    )
+    return partial.take_all()
 
 
 # ------------------------------------------------------------------------- the stage
 
 
 def cache_key(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
+    not_in_key = {
+        "shuffle_buffer_rows",
+        "max_bad_fraction",
+        "materialize",
+        "materialize_max_mb",
+        "cache_dir",
+    }
+    m = cfg.model
     payload = {
         "version": [PREPARE_VERSION, __version__],
         "task": cfg.task,
-        "data": cfg.data.model_dump(mode="json", exclude={"shuffle_buffer_rows"}),
+        "data": cfg.data.model_dump(mode="json", exclude=not_in_key),
+        "tokenizer": [m.tokenizer or m.name_or_path, m.revision, max_tokens(cfg)],
         "files": {split: [fs.fingerprint(p) for p in paths] for split, paths in files.items()},
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def prepare(cfg: RayftConfig, files: dict[str, list[str]] | None = None) -> Prepared:
-    """Run (or reuse) the data stage; write quarantine and data_report.json to output_dir."""
+def prepared_root(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
+    base = cfg.data.cache_dir or fs.join(
+        cfg.storage_path or os.path.join(cfg.output_dir, "ray"), "prepared"
+    )
+    return fs.join(base, cache_key(cfg, files))
 
+
+def prepare(cfg: RayftConfig, files: dict[str, list[str]] | None = None) -> Prepared:
+    """Run (or reuse) the data stage; write quarantine/, data_report.json and
+    data_report.png to output_dir; fail when the data cannot train well."""
     files = files or check_sources(cfg)
     task = get_task(cfg.task)
-    root = fs.join(cfg.storage_path or os.path.join(cfg.output_dir, "ray"), "prepared")
-    root = fs.join(root, cache_key(cfg, files))
+    root = prepared_root(cfg, files)
     rows_dir = fs.join(root, "rows")
     meta = fs.read_json(fs.join(root, META_FILE))
     if meta is not None:
         prepared = Prepared(**meta, reused=True)
-        print(f"[rayft] data: reusing prepared shards {root}")
+        say(f"data: reusing prepared shards {root}")
     else:
         started = time.time()
         fs.remove(root)
-        annotated = [
-            read_records(paths).map_batches(
-                functools.partial(annotate_block, task_name=cfg.task, data=cfg.data, split=split),
-                batch_format="pyarrow",
-            )
-            for split, paths in files.items()
-        ]
-        dataset = annotated[0].union(*annotated[1:]) if len(annotated) > 1 else annotated[0]
-        dataset.write_parquet(rows_dir, partition_cols=["part"])
+        _run_passes(cfg, files, root, rows_dir)
         counts = _collect_counts(rows_dir, task.label_field)
         prepared = _summarize(cfg, files, root, rows_dir, counts, time.time() - started)
+        prepared.report["bad_examples"] = _write_quarantine(cfg, rows_dir, prepared)
         fs.write_json(fs.join(root, META_FILE), _meta(prepared))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if prepared.reused:
+        _write_quarantine(cfg, rows_dir, prepared)
+    _write_report(cfg, prepared)
+    _check_bad_fraction(cfg, prepared)
     _check_labels(cfg, prepared)
-    _write_outputs(cfg, prepared, rows_dir)
     return prepared
+
+
+def _run_passes(cfg: RayftConfig, files: dict[str, list[str]], root: str, rows_dir: str) -> None:
+    stage_dir, marks_dir = fs.join(root, "stage"), fs.join(root, "marks")
+    cfg_json = cfg.model_dump_json()
+    annotated = [
+        read_records(paths).map_batches(
+            functools.partial(annotate_block, cfg_json=cfg_json, split=split),
+            batch_format="pyarrow",
+        )
+        for split, paths in files.items()
+    ]
+    dataset = annotated[0].union(*annotated[1:]) if len(annotated) > 1 else annotated[0]
+    say("data: reading, cleaning and filtering")
+    dataset.write_parquet(stage_dir)
+    marks = _find_duplicates(cfg, stage_dir, marks_dir)
+    import ray.data
+
+    say("data: writing prepared shards")
+    ray.data.read_parquet(stage_dir).map_batches(
+        functools.partial(finalize_block, marks_dir=marks_dir if marks else None),
+        batch_format="pyarrow",
+    ).write_parquet(rows_dir, partition_cols=["part"])
+    fs.remove(stage_dir)
+
+
+def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
+    """Pass 2: write the dedup marks; False when there is nothing to look for."""
+    import ray.data
+    from ray.data.expressions import col
+
+    d = cfg.data.dedup
+    splits = output_splits(cfg)
+    if not (d.exact or d.near or len(splits) > 1):
+        return False
+    columns = ["part", "_uid", "_split", "_source", "_line", "_key", "_sig"]
+    kept_rows = _parquet_rows(stage_dir)  # from the files' footers: sizes the shuffle
+    if kept_rows < 2:
+        return False
+    kept = ray.data.read_parquet(stage_dir, columns=columns).filter(
+        expr=col("part") == col("_split")
+    )
+    say(f"data: looking for exact and near duplicates among up to {kept_rows:,} rows")
+    dedup.find_duplicates(kept, d, kept_rows).write_parquet(marks_dir)
+    return True
+
+
+def _parquet_rows(directory: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(directory, format="parquet").count_rows()
 
 
 def _meta(prepared: Prepared) -> dict[str, Any]:
     meta = asdict(prepared)
     meta.pop("reused")
     return meta
-
-
-def _collect_counts(rows_dir: str, label_field: str | None) -> list[dict[str, Any]]:
-    import ray.data
-
-    columns = ["_split", "part", "_reason"] + ([label_field] if label_field else [])
-    partial = ray.data.read_parquet(rows_dir, columns=columns).map_batches(
-        functools.partial(_count_block, label_field=label_field), batch_format="pyarrow"
-    )
-    return partial.take_all()
 
 
 def _summarize(
@@ -221,50 +528,204 @@ def _summarize(
     seconds: float,
 ) -> Prepared:
     label_field = get_task(cfg.task).label_field
-    per_split: dict[str, dict[str, Any]] = {}
-    label_counts: dict[str, Counter] = defaultdict(Counter)
-    for split in files:
-        per_split[split] = {
-            "files": files[split],
-            "lines_read": 0,
-            "blank_lines": 0,
-            "rows": 0,
+    splits = output_splits(cfg)
+    per_split = {
+        split: {
+            "read": 0,
             "kept": 0,
+            "filtered": Counter(),
+            "deduplicated": Counter(),
             "quarantined": Counter(),
+            "blank_lines": 0,
+            "truncated": Counter(),
+            "cleaned": Counter(),
+            "contamination_kept": Counter(),
         }
+        for split in splits
+    }
+    sources: dict[str, Counter] = defaultdict(Counter)
+    label_counts: dict[str, Counter] = defaultdict(Counter)
+    hist: dict[str, dict[str, dict[int, list[int]]]] = defaultdict(lambda: defaultdict(dict))
     for row in counts:
-        split, part, reason, n = row["_split"], row["part"], row["_reason"], row["n"]
-        entry = per_split[split]
-        entry["lines_read"] += n
+        kind, split, n = row["kind"], row["_split"], row["n"]
+        if kind == "cleaned":
+            per_split[split]["cleaned"][row["_reason"]] += n
+            continue
+        if kind != "rows":
+            entry = hist[split][kind].setdefault(row["bin"], [0, 0, 0])
+            entry[0] += n
+            entry[1] += row["total"]
+            entry[2] = max(entry[2], row["max"])
+            continue
+        entry, part, reason = per_split[split], row["part"], row["_reason"]
         if part == "blank":
             entry["blank_lines"] += n
             continue
-        entry["rows"] += n
+        entry["read"] += n
+        sources[row["_source"]]["read"] += n
         if part == REJECTED:
             entry["quarantined"][reason] += n
+            sources[row["_source"]][reason] += n
+        elif part == FILTERED:
+            entry["filtered"][reason] += n
+        elif part == DEDUPLICATED:
+            entry["deduplicated"][reason] += n
         else:
             entry["kept"] += n
+            if row["_truncated"]:
+                entry["truncated"][row["_truncated"]] += n
+            if row["_dedup"]:
+                entry["contamination_kept"][row["_dedup"]] += n
             if label_field:
-                label_counts[split][row[label_field]] += n
+                label_counts[split][row["label"]] += n
     for entry in per_split.values():
-        entry["quarantined"] = dict(entry["quarantined"].most_common())
+        for name in (
+            "filtered",
+            "deduplicated",
+            "quarantined",
+            "truncated",
+            "cleaned",
+            "contamination_kept",
+        ):
+            entry[name] = dict(entry[name].most_common())
     if cfg.data.labels is not None:
         labels = [canonical_label(x) for x in cfg.data.labels]
     else:
         labels = sort_labels(list(label_counts["train"])) if label_field else []
+    totals = _totals(per_split)
     report = {
+        **totals,
         "splits": per_split,
+        "files": {split: paths for split, paths in files.items()},
+        "sources": {
+            src: {"read": c.pop("read"), "quarantined": dict(c.most_common())}
+            for src, c in sorted(sources.items())
+        },
         "labels": {split: dict(c.most_common()) for split, c in label_counts.items()},
+        "lengths": {split: _histograms(kinds) for split, kinds in hist.items()},
+        "settings": {
+            "clean": cfg.data.clean.model_dump(),
+            "dedup": cfg.data.dedup.model_dump(),
+            "min_chars": cfg.data.min_chars,
+            "max_chars": cfg.data.max_chars,
+            "min_tokens": cfg.data.min_tokens,
+            "max_tokens": max_tokens(cfg),
+            "overlong": cfg.data.overlong,
+            "split": cfg.data.split,
+        },
         "prepare_seconds": round(seconds, 2),
     }
     return Prepared(
         root=root,
-        splits={split: fs.join(rows_dir, f"part={split}") for split in files},
-        rows={split: per_split[split]["kept"] for split in files},
+        splits={split: fs.join(rows_dir, f"part={split}") for split in splits},
+        rows={split: per_split[split]["kept"] for split in splits},
         labels=labels,
         label_counts={split: dict(c) for split, c in label_counts.items()},
         report=report,
     )
+
+
+def _totals(per_split: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The corpus-wide identity: read = kept + filtered + deduplicated + quarantined."""
+    totals: dict[str, Any] = {"read": 0, "kept": 0, "blank_lines": 0}
+    grouped: dict[str, Counter] = {
+        k: Counter() for k in ("filtered", "deduplicated", "quarantined")
+    }
+    for entry in per_split.values():
+        for key in ("read", "kept", "blank_lines"):
+            totals[key] += entry[key]
+        for key, counter in grouped.items():
+            counter.update(entry[key])
+    for key, counter in grouped.items():
+        totals[key] = {"total": sum(counter.values()), **dict(counter.most_common())}
+    dedup_kinds = Counter()
+    for reason, n in grouped["deduplicated"].items():
+        dedup_kinds["exact" if "exact" in reason else "near"] += n
+    totals["deduplicated"].update({"exact": dedup_kinds["exact"], "near": dedup_kinds["near"]})
+    contamination = Counter()
+    for entry in per_split.values():
+        for reason, n in [*entry["deduplicated"].items(), *entry["contamination_kept"].items()]:
+            if reason.startswith("contamination"):
+                contamination["exact" if "exact" in reason else "near"] += n
+    totals["contamination"] = {"exact": contamination["exact"], "near": contamination["near"]}
+    return totals
+
+
+def _histograms(kinds: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
+    out = {}
+    for kind, edges in (("chars", CHAR_EDGES), ("tokens", TOKEN_EDGES)):
+        bins = kinds.get(kind, {})
+        n = sum(v[0] for v in bins.values())
+        counts = [bins.get(i, [0])[0] for i in range(len(edges))]
+        out[kind] = {
+            "edges": edges,  # bin i holds lengths in [edges[i], edges[i+1]); the last is open
+            "counts": counts,
+            "mean": round(sum(v[1] for v in bins.values()) / n, 2) if n else None,
+            "max": max((v[2] for v in bins.values()), default=None),
+        }
+    return out
+
+
+# -------------------------------------------------------------- checks and outputs
+
+
+def _write_quarantine(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> dict[str, Any]:
+    """Stream the rejected rows to output_dir/quarantine/<split>.jsonl; return the first
+    line numbers per (file, reason) for error messages."""
+    import ray.data
+
+    qdir = os.path.join(cfg.output_dir, "quarantine")
+    shutil.rmtree(qdir, ignore_errors=True)  # never leave an earlier run's rows behind
+    total = prepared.report["quarantined"]["total"]
+    examples: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    if not total:
+        return {}
+    os.makedirs(qdir)
+    rejected = ray.data.read_parquet(
+        fs.join(rows_dir, f"part={REJECTED}"),
+        columns=["_split", "_source", "_line", "_reason", "_raw"],
+    )
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        for row in rejected.iter_rows():
+            split = row["_split"]
+            if split not in handles:
+                path = os.path.join(qdir, f"{split}.jsonl")
+                handles[split] = stack.enter_context(open(path, "w"))
+            record = {
+                "source": row["_source"],
+                "line": row["_line"],
+                "reason": row["_reason"],
+                "raw": row["_raw"],
+            }
+            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+            lines = examples[row["_source"]][row["_reason"]]
+            if len(lines) < EXAMPLE_LINES:
+                lines.append(row["_line"])
+    say(f"data: {total:,} row(s) quarantined -> {qdir}/")
+    return {src: {r: sorted(v) for r, v in reasons.items()} for src, reasons in examples.items()}
+
+
+def _check_bad_fraction(cfg: RayftConfig, prepared: Prepared) -> None:
+    """Fail before training when a file is mostly unusable: that is a wrong column, format
+    or encoding, not noise."""
+    limit = cfg.data.max_bad_fraction
+    examples = prepared.report.get("bad_examples", {})
+    for source, entry in prepared.report["sources"].items():
+        bad = sum(entry["quarantined"].values())
+        if not entry["read"] or bad / entry["read"] <= limit:
+            continue
+        top = list(entry["quarantined"].items())[:3]
+        reasons = "; ".join(
+            f"{reason}: {n} (lines {', '.join(map(str, examples.get(source, {}).get(reason, [])))})"
+            for reason, n in top
+        )
+        raise DataError(
+            f"{source}: {bad} of {entry['read']} rows ({bad / entry['read']:.1%}) cannot be used, "
+            f"over data.max_bad_fraction={limit}. Top reasons: {reasons}. The rows are in "
+            f"{cfg.output_dir}/quarantine/; fix the file (or its column settings), or raise "
+            "data.max_bad_fraction to train on the rest"
+        )
 
 
 def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
@@ -272,10 +733,15 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
     report = prepared.report["splits"]
     for split, entry in report.items():
         if entry["kept"] == 0:
-            reasons = ", ".join(f"{r} ({n})" for r, n in entry["quarantined"].items()) or "none"
+            lost = {**entry["quarantined"], **entry["filtered"], **entry["deduplicated"]}
+            reasons = ", ".join(f"{r} ({n})" for r, n in lost.items()) or "none"
+            where = ", ".join(
+                prepared.report["files"].get(split, prepared.report["files"]["train"])
+            )
             raise DataError(
-                f"data.{split}: no usable rows in {', '.join(entry['files'])}; "
-                f"rows were rejected for: {reasons}. See {cfg.output_dir}/quarantine/"
+                f"data.{split}: no usable rows in {where}; "
+                f"rows were rejected for: {reasons}. See {cfg.output_dir}/quarantine/ "
+                f"and {cfg.output_dir}/data_report.json"
             )
     if not get_task(cfg.task).label_field:
         return
@@ -300,10 +766,11 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
 
 def _first_row_with_label(split_dir: str, label: str) -> str:
     import ray.data
+    from ray.data.expressions import col
 
     rows = (
         ray.data.read_parquet(split_dir, columns=["_source", "_line", "label"])
-        .filter(lambda row: row["label"] == label)
+        .filter(expr=col("label") == label)
         .take(1)
     )
     if not rows:
@@ -311,34 +778,27 @@ def _first_row_with_label(split_dir: str, label: str) -> str:
     return f"first seen in {rows[0]['_source']} line {rows[0]['_line']}"
 
 
-def _write_outputs(cfg: RayftConfig, prepared: Prepared, rows_dir: str) -> None:
-    import ray.data
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    quarantined = sum(sum(e["quarantined"].values()) for e in prepared.report["splits"].values())
-    qdir = os.path.join(cfg.output_dir, "quarantine")
-    shutil.rmtree(qdir, ignore_errors=True)  # never leave an earlier run's rows behind
-    if quarantined:
-        os.makedirs(qdir)
-        rejected = ray.data.read_parquet(
-            fs.join(rows_dir, f"part={REJECTED}"),
-            columns=["_split", "_source", "_line", "_reason", "_raw"],
-        )
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, Any] = {}
-            for row in rejected.iter_rows():
-                split = row["_split"]
-                if split not in handles:
-                    path = os.path.join(qdir, f"{split}.jsonl")
-                    handles[split] = stack.enter_context(open(path, "w"))
-                record = {
-                    "source": row["_source"],
-                    "line": row["_line"],
-                    "reason": row["_reason"],
-                    "raw": row["_raw"],
-                }
-                handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-        print(f"[rayft] data: {quarantined} row(s) quarantined -> {qdir}/")
+def _write_report(cfg: RayftConfig, prepared: Prepared) -> None:
     report = dict(prepared.report, cache=prepared.root, reused=prepared.reused)
     with open(os.path.join(cfg.output_dir, "data_report.json"), "w") as handle:
         json.dump(report, handle, indent=2)
+    from rayft.data.plots import plot_report
+
+    plot_report(report, os.path.join(cfg.output_dir, "data_report.png"))
+    _say_summary(report)
+
+
+def _say_summary(report: dict[str, Any]) -> None:
+    parts = [f"read {report['read']:,}", f"kept {report['kept']:,}"]
+    for key in ("filtered", "deduplicated", "quarantined"):
+        detail = {k: v for k, v in report[key].items() if k != "total" and v}
+        if key == "deduplicated":
+            detail = {k: v for k, v in detail.items() if k not in ("exact", "near")}
+        text = ", ".join(f"{k} {v:,}" for k, v in detail.items())
+        parts.append(f"{key} {report[key]['total']:,}" + (f" ({text})" if text else ""))
+    contamination = report["contamination"]
+    if contamination["exact"] or contamination["near"]:
+        parts.append(
+            f"train rows duplicating eval/test: exact {contamination['exact']}, near {contamination['near']}"
+        )
+    say("data: " + "; ".join(parts))

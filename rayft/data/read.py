@@ -19,7 +19,8 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "arrow")
+HUB = "hf://"
 _SUFFIXES = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -28,6 +29,7 @@ _SUFFIXES = {
     ".tsv": "tsv",
     ".parquet": "parquet",
     ".txt": "text",
+    ".arrow": "arrow",  # the shards of a `datasets.save_to_disk` directory
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
 BLOCK_ROWS = 8192
@@ -72,10 +74,17 @@ def expand_sources(spec: str | list[str], field: str) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[str] = []
     for item in specs:
+        if item.startswith(HUB):
+            parse_hub(item, field)
+            files.append(item)  # read through `datasets` (streaming), see HubDatasource
+            continue
         if "://" in item:
             files.append(item)  # remote: listed and opened by Ray's filesystem layer
             continue
-        if os.path.isdir(item):
+        saved = _saved_dataset_files(item, field) if os.path.isdir(item) else None
+        if saved is not None:
+            files.extend(saved)
+        elif os.path.isdir(item):
             found = sorted(
                 os.path.join(root, f)
                 for root, _, names in os.walk(item)
@@ -98,12 +107,48 @@ def expand_sources(spec: str | list[str], field: str) -> list[str]:
         else:
             raise DataError(f"{field}: file {item} does not exist (check the path, or the cwd)")
     for path in files:
-        if detect_format(path) is None:
+        if not path.startswith(HUB) and detect_format(path) is None:
             raise DataError(
                 f"{field}: cannot tell the format of {path} from its extension "
                 f"(supported: {', '.join(sorted(_SUFFIXES))}, optionally .gz)"
             )
     return files
+
+
+def _saved_dataset_files(directory: str, field: str) -> list[str] | None:
+    """The Arrow shards of a `datasets.save_to_disk` directory, or None for other dirs."""
+    if os.path.isfile(os.path.join(directory, "dataset_dict.json")):
+        with open(os.path.join(directory, "dataset_dict.json")) as handle:
+            splits = json.load(handle).get("splits", [])
+        raise DataError(
+            f"{field}: {directory} is a saved DatasetDict with splits {splits}; point "
+            f"{field} at one of them, e.g. {os.path.join(directory, splits[0] if splits else 'train')}"
+        )
+    state = os.path.join(directory, "state.json")
+    if not os.path.isfile(state):
+        return None
+    with open(state) as handle:
+        names = [entry["filename"] for entry in json.load(handle).get("_data_files", [])]
+    if not names:
+        raise DataError(f"{field}: saved dataset {directory} lists no data files in state.json")
+    return [os.path.join(directory, name) for name in names]
+
+
+def parse_hub(spec: str, field: str) -> dict[str, str]:
+    """`hf://<dataset>?split=<split>[&name=<config>]` -> arguments of datasets.load_dataset."""
+    from urllib.parse import parse_qs
+
+    rest = spec[len(HUB) :]
+    path, _, query = rest.partition("?")
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = set(params) - {"split", "name", "revision"}
+    if not path or "split" not in params or unknown:
+        raise DataError(
+            f"{field}: {spec!r} is not a hub dataset spec; write "
+            "hf://<dataset>?split=<split>[&name=<config>][&revision=<rev>]"
+            + (f" (unknown parameter(s): {sorted(unknown)})" if unknown else "")
+        )
+    return {"path": path, **params}
 
 
 # ---------------------------------------------------------------- line-level decoding
@@ -228,12 +273,23 @@ def _read_parquet(stream: IO[bytes]) -> Iterator[RawRecord]:
             yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
 
 
+def _read_arrow(stream: IO[bytes]) -> Iterator[RawRecord]:
+    import pyarrow.ipc as ipc
+
+    number = 0
+    for batch in ipc.open_stream(stream):
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
+
+
 READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
     "jsonl": _read_jsonl,
     "text": _read_text,
     "csv": lambda s: _read_delimited(s, ","),
     "tsv": lambda s: _read_delimited(s, "\t"),
     "parquet": _read_parquet,
+    "arrow": _read_arrow,
 }
 
 
@@ -253,7 +309,7 @@ def open_local(path: str) -> IO[bytes]:
 def peek_columns(path: str, max_lines: int = 1000) -> tuple[list[str] | None, bool]:
     """(columns of the first parsable record, whether the file holds any non-blank row)."""
     if "://" in path:
-        return None, True
+        return None, True  # remote and hub sources are checked by the workers
     with open_local(path) as stream:
         seen_row = False
         for i, rec in enumerate(iter_records(stream, path)):
@@ -310,9 +366,58 @@ def _records_datasource_class():
     return RecordsDatasource
 
 
+def _hub_datasource_class():
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class HubDatasource(Datasource):
+        """A `datasets` dataset read as a stream, one read task per shard of its files."""
+
+        def __init__(self, spec: str):
+            self.spec = spec
+
+        def _load(self):
+            import datasets
+
+            return datasets.load_dataset(**parse_hub(self.spec, "data"), streaming=True)
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            shards = max(1, min(parallelism, self._load().num_shards))
+            return [
+                ReadTask(
+                    lambda index=index: self._read_shard(index, shards),
+                    BlockMetadata(None, None, None, input_files=(self.spec,)),
+                    per_task_row_limit=per_task_row_limit,
+                )
+                for index in range(shards)
+            ]
+
+        def _read_shard(self, index: int, shards: int) -> Iterator[pa.Table]:
+            source = self.spec if shards == 1 else f"{self.spec}#shard={index}"
+            rows: list[RawRecord] = []
+            stream = self._load().shard(num_shards=shards, index=index)
+            for number, row in enumerate(stream, start=1):
+                raw = json.dumps(row, ensure_ascii=False, default=str)
+                rows.append(RawRecord(number, raw, row, None))
+                if len(rows) >= BLOCK_ROWS:
+                    yield _block(source, rows)
+                    rows = []
+            if rows:
+                yield _block(source, rows)
+
+    return HubDatasource
+
+
 def read_records(paths: list[str]):
-    """A Ray Dataset of raw records (schema ``SCHEMA``) from files of any supported format."""
+    """A Ray Dataset of raw records (schema ``SCHEMA``) from files of any supported format,
+    and hub datasets (``hf://...``)."""
     import ray.data
 
-    datasource = _records_datasource_class()(paths)
-    return ray.data.read_datasource(datasource)
+    files = [p for p in paths if not p.startswith(HUB)]
+    parts = [ray.data.read_datasource(_records_datasource_class()(files))] if files else []
+    hub = _hub_datasource_class()
+    parts += [ray.data.read_datasource(hub(p)) for p in paths if p.startswith(HUB)]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

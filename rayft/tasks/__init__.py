@@ -19,6 +19,9 @@ class Task:
     # Columns (name -> arrow type) that `extract` fills for a usable record.
     fields: dict[str, pa.DataType]
     # record (dict, columns already renamed) -> (fields, None) or (None, reason)
+    # Fields holding text: cleaned, length-filtered and hashed for deduplication, in order
+    # (the first is the main text; the first two are tokenized as a pair for counting).
+    text_fields: tuple[str, ...]
     extract: Callable[[dict[str, Any], DataConfig], tuple[dict[str, Any] | None, str | None]]
     # Column whose values are labels to map to ids (None: the task has no class labels).
     label_field: str | None

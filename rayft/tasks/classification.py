@@ -10,7 +10,7 @@ import torch
 
 from rayft.config import DataConfig, RayftConfig
 from rayft.tasks import Task
-from rayft.tasks.common import canonical_label, pad_sequences
+from rayft.tasks.common import canonical_label, max_tokens, pad_sequences
 
 
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
@@ -47,7 +47,7 @@ def tokenize(
         [str(t) for t in batch["text"]],
         pairs,
         truncation=True,
-        max_length=cfg.train.max_seq_len,
+        max_length=max_tokens(cfg),
     )
     out = {
         "input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
@@ -124,6 +124,7 @@ def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
 TASK = Task(
     name="sequence_classification",
     fields={"text": pa.string(), "text_pair": pa.string(), "label": pa.string()},
+    text_fields=("text", "text_pair"),
     extract=extract,
     label_field="label",
     tokenize=tokenize,

@@ -45,3 +45,9 @@ def pad_sequences(
         ids[i, :n] = seq
         mask[i, :n] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def max_tokens(cfg: Any) -> int:
+    """Rows over this many tokens are truncated (or dropped, per `data.overlong`)."""
+    limit = cfg.train.max_seq_len
+    return min(limit, cfg.data.max_tokens) if cfg.data.max_tokens else limit
