@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m rayft.train --config configs/demo.yaml
+	$(PY) -m rayft.tune --config configs/demo.yaml
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ A checkpoint directory, as Ray Train merges it from every worker:
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,6 +71,18 @@ def restore_training_state(engine: Any, directory: str) -> None:
     )
     if load_path is None:
         raise IncompleteCheckpoint(f"{directory}: DeepSpeed found no checkpoint to load")
+
+
+def set_base_lr(engine: Any, lr: float) -> bool:
+    """Continue a restored run at another peak learning rate (PBT's perturbation): the
+    schedule keeps its position, scaled to the new peak. True if anything changed."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or all(math.isclose(b, lr) for b in scheduler.base_lrs):
+        return False
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    return True
 
 
 def gather_params(model: torch.nn.Module, only_trainable: bool = True) -> dict[str, torch.Tensor]:

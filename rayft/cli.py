@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _config_args(validate)
+    verbs.add_parser(
+        "tune",
+        help="hyperparameter search; every trial a multi-worker DeepSpeed run "
+        "(same as python -m rayft.tune; see `rayft tune -h`)",
+        add_help=False,
+    )
     data = verbs.add_parser("data", help="the data stage on its own").add_subparsers(
         dest="data_verb", required=True
     )
@@ -104,6 +110,11 @@ COMMANDS = {"train": cmd_train, "validate": cmd_validate, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:
+        from rayft.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 TASKS = ("sequence_classification",)
 METHODS = ("full", "lora", "frozen", "two_stage")
@@ -275,6 +282,87 @@ class CheckpointSection(_Section):
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
 
 
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
+
+
+class TuneSection(_Section):
+    search_space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict,
+        description="Config key -> distribution, one of `loguniform: [low, high]`, "
+        "`uniform: [low, high]`, `randint: [low, high)`, `choice: [a, b, ...]`, "
+        "`grid: [a, b, ...]` (every value, each combined with the rest). E.g. "
+        "`train.lr: {loguniform: [1.0e-5, 1.0e-3]}`, `lora.r: {choice: [8, 16]}`.",
+    )
+    num_samples: int = Field(
+        4, ge=1, description="Trials to sample (with `grid` values: samples per grid point)."
+    )
+    metric: str = Field(
+        "accuracy", description="Eval metric the search optimizes (`f1`, `eval_loss`, ...)."
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Maximize or minimize `metric` (default: min for losses and "
+        "perplexity, else max).",
+    )
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="`random` sampling, `grid` (every `choice` becomes a grid), or `optuna` "
+        "(TPE; needs the optuna package).",
+    )
+    scheduler: Literal["asha", "hyperband", "pbt", "median", "fifo"] = Field(
+        "asha", description="Trial scheduler; early stopping for all but `fifo`."
+    )
+    scheduler_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the scheduler, in evaluations (reports): e.g. "
+        "`{grace_period: 1, reduction_factor: 2}` for asha, `{perturbation_interval: 2}` "
+        "for pbt.",
+    )
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate (and report to the scheduler) every N steps in each trial "
+        "(default: `train.eval_every_steps`, else once per epoch).",
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Default: what the cluster's CPUs/GPUs allow."
+    )
+    resume: bool = Field(False, description="Continue an interrupted search in place.")
+    seed: int | None = Field(None, description="Seed of the search algorithm (optuna).")
+
+    @field_validator("search_space")
+    @classmethod
+    def _distributions(cls, space: dict[str, dict[str, list[Any]]]) -> dict:
+        problems = []
+        for key, spec in space.items():
+            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                problems.append(
+                    f"{key}: write exactly one of {', '.join(DISTRIBUTIONS)}, got {sorted(spec)}"
+                )
+                continue
+            ((kind, args),) = spec.items()
+            if kind in ("loguniform", "uniform", "randint"):
+                if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args):
+                    problems.append(f"{key}: {kind} takes [low, high], got {args}")
+                elif args[0] >= args[1] or (kind == "loguniform" and args[0] <= 0):
+                    problems.append(
+                        f"{key}: {kind} needs 0 < low < high"
+                        if kind == "loguniform"
+                        else f"{key}: {kind} needs low < high"
+                    )
+            elif not args:
+                problems.append(f"{key}: {kind} needs at least one value")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode:
+            return self.mode
+        return "min" if ("loss" in self.metric or "perplexity" in self.metric) else "max"
+
+
 class RayftConfig(_Section):
     """A complete rayft run."""
 
@@ -301,6 +389,9 @@ class RayftConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     two_stage: TwoStageSection = Field(default_factory=TwoStageSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tune: TuneSection | None = Field(
+        None, description="Hyperparameter search (`rayft tune`); ignored by `rayft train`."
+    )
 
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> RayftConfig:
@@ -499,6 +590,9 @@ def resolve_paths(cfg: RayftConfig) -> RayftConfig:
         data["model"]["tokenizer"] = resolve_path(cfg.model.tokenizer, may_be_hub_id=True)
     data["data"]["train"] = many(cfg.data.train)
     data["data"]["eval"] = many(cfg.data.eval)
+    data["data"]["test"] = many(cfg.data.test)
+    if cfg.data.cache_dir:
+        data["data"]["cache_dir"] = resolve_path(cfg.data.cache_dir)
     data["output_dir"] = os.path.abspath(os.path.expanduser(cfg.output_dir))
     storage = cfg.storage_path or os.path.join(data["output_dir"], "ray")
     data["storage_path"] = storage if "://" in storage else os.path.abspath(storage)

@@ -319,6 +319,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         start_epoch, skip_micro = 0, 0
         if resume_dir is not None and phase_index == state["phase"]:
             ckpt.restore_training_state(engine, resume_dir)
+            if ckpt.set_base_lr(engine, phase.lr) and rank == 0:
+                say(f"learning rate set to {phase.lr:g} for the rest of the run")
             start_epoch, skip_micro = state["epoch"], state["micro"]
             if skip_micro >= plan.micro_per_epoch:
                 start_epoch, skip_micro = start_epoch + 1, 0

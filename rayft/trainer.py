@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +17,7 @@ from rayft import checkpoint as ckpt
 from rayft.config import RayftConfig, dump_config, resolve_paths
 from rayft.console import say
 from rayft.data import fs
-from rayft.data.prepare import Prepared, check_sources, prepare
+from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
 from rayft.evaluate import majority_baseline
 from rayft.loop import HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
@@ -45,20 +44,6 @@ def _mark_pad(batch: dict[str, np.ndarray], *, value: bool) -> dict[str, np.ndar
     return batch
 
 
-@contextlib.contextmanager
-def _ordered_data() -> Iterator[None]:
-    """Ray Data keeps block order (and so each worker's rows) identical from run to run."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
 def ingest_options() -> Any:
     """Ray Train's data ingest options, in order, so runs are reproducible."""
     from ray.train import DataConfig
@@ -73,7 +58,7 @@ def build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str
     rows up to a multiple of the worker count (as torch's DistributedSampler does), so
     Ray's equal split drops nothing and every worker runs the same number of steps;
     padded eval rows are flagged and left out of the metrics."""
-    with _ordered_data():
+    with ordered_execution():
         return _build_datasets(cfg, prepared, plan)
 
 
@@ -119,6 +104,7 @@ def build_trainer(
     *,
     run_name: str | None = None,
     callbacks: list[Any] | None = None,
+    resume_from: Any | None = None,
 ) -> Any:
     """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -151,6 +137,7 @@ def build_trainer(
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
+        resume_from_checkpoint=resume_from,
     )
 
 
@@ -158,7 +145,7 @@ def default_run_name(cfg: RayftConfig) -> str:
     return f"rayft-{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def init_ray(cfg: RayftConfig) -> None:
+def init_ray(cfg: RayftConfig, trials: int = 1) -> None:
     """Join the cluster this process belongs to (``RAY_ADDRESS``, `ray job submit`, or a
     running local head); otherwise start a local Ray with enough logical CPUs for the
     workers plus the data pipeline, which needs CPUs of its own to stream batches."""
@@ -176,7 +163,7 @@ def init_ray(cfg: RayftConfig) -> None:
     except ConnectionError:
         pass
     s = cfg.scaling
-    needed = int(s.num_workers * s.cpus_per_worker) + 2
+    needed = math.ceil(trials * (s.num_workers * s.cpus_per_worker + 0.1)) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
 
 

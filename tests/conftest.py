@@ -26,6 +26,8 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             num_cpus=6,
+            # No dashboard: faster. (Searches that stop trials early run on their own head
+            # in test_tune: Ray Train's placement-group cleaner needs its State API.)
             include_dashboard=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
@@ -52,13 +54,19 @@ def base_config(model: str, data: dict[str, str], output_dir: Path, **sections) 
     """A small, fast run config; keyword arguments replace or extend its sections."""
     config = {
         "model": {"name_or_path": model},
-        "data": {"train": data["train"], "eval": data["eval"]},
+        # The toy set is templated, so it repeats itself: deduplication (tested on its own
+        # in test_pipeline) would change the row counts these runs are built around.
+        "data": {
+            "train": data["train"],
+            "eval": data["eval"],
+            "dedup": {"exact": False, "near": False, "remove_contaminated": False},
+        },
         "output_dir": str(output_dir),
         "scaling": {"num_workers": 2},
         "deepspeed": {"stage": 2},
         "train": {"epochs": 3, "batch_size": 8, "lr": 2e-3, "log_every_steps": 20},
     }
-    for key, value in sections.items():
+    for key, value in sections.items():  # one level deep: replaces keys within a section
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
         else:

@@ -162,10 +162,14 @@ def test_bad_row_fixture_report_adds_up_exactly(tmp_path, ray_session, tiny_mode
 
 
 def test_known_duplicates_across_splits_are_counted_and_removed_from_train(
-    tmp_path, ray_session, tiny_model
+    tmp_path, ray_session, tiny_model, monkeypatch
 ):
     """A synthetic corpus whose duplicates are known: within-split repeats match the
-    generator's counts exactly, and eval rows copied into train are contamination."""
+    generator's counts exactly, and eval rows copied into train are contamination. The
+    first run takes the hash-shuffle path of large corpora, the second the one-task path."""
+    from rayft.data import dedup
+
+    monkeypatch.setattr(dedup, "SINGLE_TASK_ENTRIES", 0)
     manifest = synthesize(str(tmp_path / "train"), 1500, files=3, bad_rate=0.0, seed=3)
     evaluation = synthesize(str(tmp_path / "eval"), 60, files=1, duplicate_rate=0,
                             near_duplicate_rate=0, bad_rate=0, seed=4)  # fmt: skip
@@ -182,6 +186,7 @@ def test_known_duplicates_across_splits_are_counted_and_removed_from_train(
     assert train["kept"] == manifest["unique"] and report["splits"]["eval"]["kept"] == 60
     assert evaluation["unique"] == 60
     # Counted either way; with remove_contaminated off the training rows stay.
+    monkeypatch.undo()
     kept_cfg = _cfg(tmp_path, str(tmp_path / "train"), str(tmp_path / "eval"), model=tiny_model,
                     dedup={"remove_contaminated": False})  # fmt: skip
     report = prepare(kept_cfg).report

@@ -60,7 +60,8 @@ def assert_learned(metrics: dict, out: Path) -> None:
 
 def test_full_zero2_uneven_shards_string_labels(tmp_path, ray_session, tiny_model, toy_data):
     out = tmp_path / "full"
-    metrics, out = run(base_config(tiny_model, toy_data, out))
+    # A higher peak than the shared default: the toy plateaus at ln 2 for a while first.
+    metrics, out = run(base_config(tiny_model, toy_data, out, train={"lr": 5e-3}))
 
     assert set(metrics) >= METRIC_KEYS
     assert metrics["baselines"]["majority"]["accuracy"] == 0.5

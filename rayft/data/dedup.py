@@ -35,6 +35,7 @@ PRIORITY = [
     "contamination_near_kept",
 ]
 ROWS_PER_PARTITION = 200_000
+SINGLE_TASK_ENTRIES = 500_000  # bucket entries judged in one task without a shuffle
 MAX_PAIRWISE = 256  # larger near buckets compare members to the earliest few only
 
 
@@ -214,12 +215,24 @@ def find_duplicates(kept: Any, dedup: DedupConfig, kept_rows: int) -> Any:
         remove_duplicates=dedup.exact,
         remove_contaminated=dedup.remove_contaminated,
     )
+    if entries <= SINGLE_TASK_ENTRIES:
+        # Small corpora: every bucket fits one task; skip the two hash shuffles, whose
+        # fixed cost (seconds) dwarfs the work.
+        return candidates.repartition(1).map_batches(
+            functools.partial(_judge_and_resolve, judge=judge),
+            batch_size=None,
+            batch_format="pyarrow",
+        )
     marks = candidates.repartition(_partitions(entries), keys=["bucket"]).map_batches(
         judge, batch_size=None, batch_format="pyarrow"
     )
     return marks.repartition(_partitions(kept_rows), keys=["_uid"]).map_batches(
         resolve_block, batch_size=None, batch_format="pyarrow"
     )
+
+
+def _judge_and_resolve(table: pa.Table, *, judge: Any) -> pa.Table:
+    return resolve_block(judge(table))
 
 
 def _partitions(rows: int) -> int:

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,6 +119,21 @@ def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
                         f"Set {field} to one of the columns, or rename with data.columns"
                     )
     return files
+
+
+@contextlib.contextmanager
+def ordered_execution() -> Iterator[None]:
+    """Ray Data keeps block order, so prepared shards and each worker's rows are the same
+    from run to run (and in input order)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 # ------------------------------------------------------------- pass 1: annotate (Ray)
@@ -448,7 +464,8 @@ def prepare(cfg: RayftConfig, files: dict[str, list[str]] | None = None) -> Prep
     else:
         started = time.time()
         fs.remove(root)
-        _run_passes(cfg, files, root, rows_dir)
+        with ordered_execution():
+            _run_passes(cfg, files, root, rows_dir)
         counts = _collect_counts(rows_dir, task.label_field)
         prepared = _summarize(cfg, files, root, rows_dir, counts, time.time() - started)
         prepared.report["bad_examples"] = _write_quarantine(cfg, rows_dir, prepared)

