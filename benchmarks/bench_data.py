@@ -80,7 +80,8 @@ def run_prepare(corpus: str, out: str) -> dict:
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
     if proc.returncode:
         raise SystemExit(err.decode()[-3000:])
     with open(os.path.join(out, "data_report.json")) as handle:
