@@ -236,6 +236,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"phase": 0, "epoch": 0, "micro": 0, "step": 0, "history": []}
     resume_dir = None
     restored = ray.train.get_checkpoint()
+    if restored is None and config.get("resume_from"):
+        restored = ray.train.Checkpoint(config["resume_from"])
     if restored is not None:
         resume_dir = restored.to_directory()
         state = ckpt.read_state(resume_dir)

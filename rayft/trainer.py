@@ -116,7 +116,14 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": asdict(plan)},
+        # Ray Train V2 has no resume_from_checkpoint: a checkpoint from elsewhere (PBT,
+        # a resumed search) travels by path and the workers load it when their own run
+        # has none yet.
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "plan": asdict(plan),
+            "resume_from": resume_from.path if resume_from is not None else None,
+        },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -137,7 +144,6 @@ def build_trainer(
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
-        resume_from_checkpoint=resume_from,
     )
 
 
