@@ -263,24 +263,24 @@ def _read_delimited(stream: IO[bytes], delimiter: str) -> Iterator[RawRecord]:
             yield RawRecord(feed.start, raw, dict(zip(header, row, strict=True)), None)
 
 
+def _rows_as_records(rows: Iterable[dict[str, Any]]) -> Iterator[RawRecord]:
+    """Already-structured rows (Parquet, Arrow, `datasets`), numbered from 1."""
+    for number, row in enumerate(rows, start=1):
+        yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
+
+
 def _read_parquet(stream: IO[bytes]) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
-    number = 0
-    for batch in pq.ParquetFile(stream).iter_batches(batch_size=BLOCK_ROWS):
-        for row in batch.to_pylist():
-            number += 1
-            yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
+    batches = pq.ParquetFile(stream).iter_batches(batch_size=BLOCK_ROWS)
+    return _rows_as_records(row for batch in batches for row in batch.to_pylist())
 
 
 def _read_arrow(stream: IO[bytes]) -> Iterator[RawRecord]:
     import pyarrow.ipc as ipc
 
-    number = 0
-    for batch in ipc.open_stream(stream):
-        for row in batch.to_pylist():
-            number += 1
-            yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str), row, None)
+    batches = ipc.open_stream(stream)
+    return _rows_as_records(row for batch in batches for row in batch.to_pylist())
 
 
 READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
@@ -341,6 +341,18 @@ def _block(path: str, rows: list[RawRecord]) -> pa.Table:
     )
 
 
+def _blocks(source: str, records: Iterable[RawRecord]) -> Iterator[pa.Table]:
+    """Records of one source -> Arrow blocks of up to BLOCK_ROWS rows."""
+    rows: list[RawRecord] = []
+    for record in records:
+        rows.append(record)
+        if len(rows) >= BLOCK_ROWS:
+            yield _block(source, rows)
+            rows = []
+    if rows:
+        yield _block(source, rows)
+
+
 def _records_datasource_class():
     # Imported lazily: Ray is heavy and this module is used by `rayft validate` too.
     from ray.data.datasource import FileBasedDatasource
@@ -354,14 +366,7 @@ def _records_datasource_class():
             return super()._open_input_source(filesystem, path, **open_args)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-            rows: list[RawRecord] = []
-            for rec in iter_records(f, path):
-                rows.append(rec)
-                if len(rows) >= BLOCK_ROWS:
-                    yield _block(path, rows)
-                    rows = []
-            if rows:
-                yield _block(path, rows)
+            return _blocks(path, iter_records(f, path))
 
     return RecordsDatasource
 
@@ -397,16 +402,8 @@ def _hub_datasource_class():
 
         def _read_shard(self, index: int, shards: int) -> Iterator[pa.Table]:
             source = self.spec if shards == 1 else f"{self.spec}#shard={index}"
-            rows: list[RawRecord] = []
             stream = self._load().shard(num_shards=shards, index=index)
-            for number, row in enumerate(stream, start=1):
-                raw = json.dumps(row, ensure_ascii=False, default=str)
-                rows.append(RawRecord(number, raw, row, None))
-                if len(rows) >= BLOCK_ROWS:
-                    yield _block(source, rows)
-                    rows = []
-            if rows:
-                yield _block(source, rows)
+            return _blocks(source, _rows_as_records(stream))
 
     return HubDatasource
 
