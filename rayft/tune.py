@@ -34,6 +34,7 @@ from rayft.config import (
     validate_config,
 )
 from rayft.console import say
+from rayft.data import fs
 
 TUNE_DIR = "tune"
 POINTER_FILE = "rayft_train_checkpoint.json"
@@ -161,7 +162,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
     plan = Plan.derive(cfg, prepared.labels, prepared.rows, cfg.scaling.num_workers)
     resume = None
     restored = tune.get_checkpoint()
@@ -297,6 +298,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
 
     t = cfg.tune
     check_search_space(cfg)
+    scheduler, search_alg = _scheduler(t), _search_alg(t)  # their errors too, before Ray
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
@@ -307,12 +309,8 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     base["train"]["eval_every_steps"] = t.eval_every_steps or base["train"]["eval_every_steps"]
     trainable = tune.with_resources(functools.partial(run_trial, base=base), {"CPU": DRIVER_CPUS})
     concurrency = t.max_concurrent_trials or default_concurrency(cfg)
-    storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-    experiment = (
-        os.path.join(storage, TUNE_DIR, "search")
-        if "://" not in storage
-        else f"{storage}/{TUNE_DIR}/search"
-    )
+    searches = fs.join(cfg.storage_path, TUNE_DIR)  # resolve_paths made it absolute
+    experiment = fs.join(searches, "search")
     say(f"tune: {t.num_samples} sample(s), scheduler {t.scheduler}, search {t.search_alg}, "
         f"up to {concurrency} trial(s) at once of {cfg.scaling.num_workers} worker(s) each")  # fmt: skip
     if resume and tune.Tuner.can_restore(experiment):
@@ -328,16 +326,14 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
                 metric=t.metric,
                 mode=t.resolved_mode,
                 num_samples=t.num_samples,
-                scheduler=_scheduler(t),
-                search_alg=_search_alg(t),
+                scheduler=scheduler,
+                search_alg=search_alg,
                 max_concurrent_trials=concurrency,
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name="search",
-                storage_path=os.path.join(storage, TUNE_DIR)
-                if "://" not in storage
-                else f"{storage}/{TUNE_DIR}",
+                storage_path=searches,
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
             ),
@@ -359,15 +355,14 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
         history = [] if frame is None else frame.to_dict("records")
         scores = [h[t.metric] for h in history if isinstance(h.get(t.metric), (int, float))]
         last = history[-1] if history else {}
-        trial_id = os.path.basename(result.path).split("_")[1] if result.path else "?"
-        trial_id = (result.metrics or {}).get("trial_id", trial_id)
+        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
         if result.error is not None:
             status = "error"
         elif last.get(COMPLETED):
             status = "completed"
         else:
             status = "stopped"
-        params = _flatten({k: v for k, v in (result.config or {}).items()})
+        params = _flatten(result.config or {})
         rows.append(
             {
                 "trial_id": trial_id,

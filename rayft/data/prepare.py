@@ -450,9 +450,12 @@ def prepared_root(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
     return fs.join(base, cache_key(cfg, files))
 
 
-def prepare(cfg: RayftConfig, files: dict[str, list[str]] | None = None) -> Prepared:
+def prepare(
+    cfg: RayftConfig, files: dict[str, list[str]] | None = None, *, outputs: bool = True
+) -> Prepared:
     """Run (or reuse) the data stage; write quarantine/, data_report.json and
-    data_report.png to output_dir; fail when the data cannot train well."""
+    data_report.png to output_dir (unless `outputs` is False: a tune trial reuses the
+    shards its search prepared and reported); fail when the data cannot train well."""
     files = files or check_sources(cfg)
     task = get_task(cfg.task)
     root = prepared_root(cfg, files)
@@ -470,10 +473,11 @@ def prepare(cfg: RayftConfig, files: dict[str, list[str]] | None = None) -> Prep
         prepared = _summarize(cfg, files, root, rows_dir, counts, time.time() - started)
         prepared.report["bad_examples"] = _write_quarantine(cfg, rows_dir, prepared)
         fs.write_json(fs.join(root, META_FILE), _meta(prepared))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if prepared.reused:
-        _write_quarantine(cfg, rows_dir, prepared)
-    _write_report(cfg, prepared)
+    if outputs:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if prepared.reused:
+            _write_quarantine(cfg, rows_dir, prepared)
+        _write_report(cfg, prepared)
     _check_bad_fraction(cfg, prepared)
     _check_labels(cfg, prepared)
     return prepared
