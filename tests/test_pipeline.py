@@ -58,8 +58,8 @@ def test_cleaning_steps_and_keys():
     assert dedup_text("  The   MOVIE\tis ﬁne ") == "the movie is fine"
     # The split of a text is a pure function of its bytes: pinned, so it holds everywhere.
     fractions = {"train": 0.9, "eval": 0.1}
-    assert [split_of(f"row {i}", fractions) for i in range(12)].count("eval") == 2
-    assert split_of("row 3", fractions) == split_of("row 3", dict(fractions))
+    eval_rows = [i for i in range(12) if split_of(f"row {i}", fractions) == "eval"]
+    assert eval_rows == [7, 10]  # BLAKE2b of the text: the same on every machine and run
 
 
 def test_bad_row_fixture_report_adds_up_exactly(tmp_path, ray_session, tiny_model):
