@@ -164,17 +164,21 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
     cfg = trial_config(base, params, trial_id)
     prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
     plan = Plan.derive(cfg, prepared.labels, prepared.rows, cfg.scaling.num_workers)
-    resume = None
+    run_name, resume = cfg.run_name, None
     restored = tune.get_checkpoint()
-    if restored is not None:  # PBT exploit or a resumed search: continue that Train run
+    if restored is not None:  # PBT exploit or a resumed search: continue from that state
         with (
             restored.as_directory() as directory,
             open(os.path.join(directory, POINTER_FILE)) as handle,
         ):
-            resume = ray.train.Checkpoint(json.load(handle)["path"])
-    run_name = cfg.run_name
-    if resume is not None:  # a new Train run (not Train's own resume of this trial's run)
+            source = json.load(handle)["path"]
+        # A new Train run (Train's own resume is for restarts of this run) from a copy:
+        # the trial that wrote the state may delete it as its training moves on.
         run_name = f"{cfg.run_name}-restored-{time.strftime('%H%M%S')}"
+        resume = ray.train.Checkpoint(
+            fs.copy_tree(source, fs.join(cfg.storage_path, run_name, "from"))
+        )
+        say(f"trial {trial_id}: continuing from {source}")
     queue = Queue(actor_options={"num_cpus": 0})  # fits in the trial's 0.1-CPU bundle
     trainer = build_trainer(
         cfg,
@@ -212,7 +216,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
         raise result.error
     summary = write_outputs(cfg, prepared, result, started)
     final = {**(final or {}), COMPLETED: 1, "wall_seconds": summary["wall_seconds"]}
-    _report(tune, final, result.checkpoint.path if result.checkpoint else None)
+    # No checkpoint: the trial's last Tune checkpoint stays a training state (the export is
+    # no place to continue from, for PBT cloning this trial or a resumed search).
+    _report(tune, final, None)
 
 
 def _report(tune: Any, metrics: dict[str, Any], path: str | None) -> None:
@@ -236,10 +242,12 @@ def _scheduler(t: TuneSection) -> Any:
     options = dict(t.scheduler_config)
     try:
         if t.scheduler == "asha":
+            from rayft.schedulers import ResumableASHA
+
             options.setdefault("grace_period", 1)
             options.setdefault("reduction_factor", 2)
             options.setdefault("max_t", 10_000)
-            return schedulers.ASHAScheduler(time_attr="training_iteration", **options)
+            return ResumableASHA(time_attr="training_iteration", **options)
         if t.scheduler == "hyperband":
             options.setdefault("max_t", 81)
             return schedulers.HyperBandScheduler(time_attr="training_iteration", **options)
@@ -250,8 +258,14 @@ def _scheduler(t: TuneSection) -> Any:
         if t.scheduler == "pbt":
             from ray import tune
 
+            # The learning rate moves continuously (x0.8 / x1.2, or a fresh draw) within the
+            # searched range, also when the search lists values: PBT's list mutation would
+            # step between the listed values only.
             ((kind, args),) = t.search_space["train.lr"].items()
-            lr = tune.loguniform(*args) if kind == "loguniform" else tune.choice(list(args))
+            low, high = (
+                (args[0], args[1]) if kind in ("loguniform", "uniform") else (min(args), max(args))
+            )
+            lr = tune.uniform(low, high) if kind == "uniform" else tune.loguniform(low, high)
             options.setdefault("perturbation_interval", 2)
             return schedulers.PopulationBasedTraining(
                 time_attr="training_iteration",
@@ -307,13 +321,23 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     prepare(cfg, files)  # once, here: every trial reuses the shards
     base = cfg.model_dump(mode="json", exclude={"tune"})
     base["train"]["eval_every_steps"] = t.eval_every_steps or base["train"]["eval_every_steps"]
+    if t.scheduler == "pbt" and not base["checkpoint"]["every_steps"]:
+        # PBT clones the state behind a trial's latest report: every report needs one.
+        base["checkpoint"]["every_steps"] = base["train"]["eval_every_steps"]
     trainable = tune.with_resources(functools.partial(run_trial, base=base), {"CPU": DRIVER_CPUS})
     concurrency = t.max_concurrent_trials or default_concurrency(cfg)
     searches = fs.join(cfg.storage_path, TUNE_DIR)  # resolve_paths made it absolute
     experiment = fs.join(searches, "search")
+    resuming = resume and tune.Tuner.can_restore(experiment)
+    if hasattr(scheduler, "state_path") and "://" not in searches:
+        # ASHA's rungs, for a resumed search to judge the remaining trials by.
+        scheduler.state_path = os.path.join(searches, "asha_state.pkl")
+        os.makedirs(searches, exist_ok=True)
+        if not resuming and os.path.exists(scheduler.state_path):
+            os.remove(scheduler.state_path)  # a previous search's
     say(f"tune: {t.num_samples} sample(s), scheduler {t.scheduler}, search {t.search_alg}, "
         f"up to {concurrency} trial(s) at once of {cfg.scaling.num_workers} worker(s) each")  # fmt: skip
-    if resume and tune.Tuner.can_restore(experiment):
+    if resuming:
         say(f"tune: resuming the search in {experiment}")
         tuner = tune.Tuner.restore(
             experiment, trainable=trainable, resume_unfinished=True, resume_errored=True

@@ -63,3 +63,13 @@ def tree_size(path: str) -> int:
     filesystem, where = _resolve(path)
     selector = pafs.FileSelector(where, recursive=True, allow_not_found=True)
     return sum(info.size or 0 for info in filesystem.get_file_info(selector))
+
+
+def copy_tree(source: str, target: str) -> str:
+    """Copy a directory (local or on a URI filesystem) to `target`; returns `target`."""
+    filesystem, where = _resolve(source)
+    target_fs, target_where = _resolve(target)
+    target_fs.create_dir(target_where, recursive=True)
+    pafs.copy_files(where, target_where, source_filesystem=filesystem,
+                    destination_filesystem=target_fs)  # fmt: skip
+    return target
