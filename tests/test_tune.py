@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from rayft.config import ConfigError, validate_config
-from rayft.tune import check_search_space, search
+from rayft.tune import check_search_space
 from tests.conftest import REPO, base_config
 
 GOOD_LR = 3e-3
@@ -82,117 +83,205 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _kill_cluster(temp_dir: str) -> None:
-    import psutil
+class Head:
+    """A real Ray head from `ray start --head` (dashboard on 127.0.0.1, token auth on),
+    driven through the `ray job` CLI as a user would."""
 
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-
-
-def test_asha_search_submitted_as_a_ray_job_to_a_real_head(
-    tmp_path, tiny_model, toy_data, ray_session
-):
-    """`ray start --head` (dashboard on 127.0.0.1, token auth on), `ray job submit` a
-    search in which one learning rate is good and one diverges; ASHA must stop the bad
-    trial before its last step and keep the good one. Then `--resume` on the finished
-    search reruns nothing."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    temp_dir = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
-    port, dashboard = 6391, 8271
-    # The test session's own Ray holds the default agent ports: give this head its own.
-    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
-                   f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--runtime-env-agent-port={free_port()}",
-                   f"--metrics-export-port={free_port()}",
-                   f"--ray-client-server-port={free_port()}"]  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [str(ray_bin), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=6", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats", *agent_ports],
-        check=True, env=env, capture_output=True,
-    )  # fmt: skip
-    try:
-        out = tmp_path / "job"
-        config = tune_config(tiny_model, toy_data, out)
-        path = tmp_path / "job.yaml"
-        path.write_text(yaml.safe_dump(config))
-        address = f"http://127.0.0.1:{dashboard}"
+    def __init__(self, cpus: int):
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.temp_dir = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
+        dashboard = 8271
+        self.address = f"http://127.0.0.1:{dashboard}"
+        # The test session's own Ray holds the default agent ports: give this head its own.
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                       f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}",
+                       f"--metrics-export-port={free_port()}",
+                       f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS", None)
+        subprocess.run(
+            [self.ray, "start", "--head", "--port=6391", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--num-cpus={cpus}",
+             f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *agent_ports],
+            check=True, env=self.env, capture_output=True,
+        )  # fmt: skip
         for _ in range(60):  # the job server comes up a little after `ray start` returns
-            listed = subprocess.run(
-                [str(ray_bin), "job", "list", "--address", address], env=env, capture_output=True
-            )
-            if listed.returncode == 0:
+            if self.job("list").returncode == 0:
                 break
             time.sleep(1)
-        unauthenticated = subprocess.run(
-            [str(ray_bin), "job", "list", "--address", address],
-            env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+
+    def job(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.ray, "job", *args[:1], "--address", self.address, *args[1:]],
+            env={**self.env, **env}, capture_output=True, text=True,
         )  # fmt: skip
-        for _ in range(30):  # ... and its job agent a little later still
-            submitted = subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", address, "--working-dir",
-                 str(REPO), "--no-wait", "--", sys.executable, "-m", "rayft.tune", "--config",
-                 str(path)],
-                env=env, capture_output=True, text=True,
+
+    def submit(self, *command: str, env_vars: dict[str, str] | None = None) -> str:
+        runtime_env = json.dumps({"env_vars": env_vars or {}})
+        for _ in range(30):  # the job agent comes up a little after the job server
+            submitted = self.job(
+                "submit", "--working-dir", str(REPO), "--runtime-env-json", runtime_env,
+                "--no-wait", "--", sys.executable, *command,
             )  # fmt: skip
             if "No available agent" not in submitted.stderr:
                 break
             time.sleep(2)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         words = (submitted.stdout + submitted.stderr).split()
-        job_id = next(w.strip("'") for w in words if w.strip("'").startswith("raysubmit_"))
-        status = ""
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            checked = subprocess.run(
-                [str(ray_bin), "job", "status", "--address", address, job_id],
-                env=env, capture_output=True, text=True,
-            )  # fmt: skip
-            status = (checked.stdout + checked.stderr).lower()
-            if any(s in status for s in ("succeeded", "failed", "stopped")):
-                break
-            time.sleep(5)
-        logs = subprocess.run(
-            [str(ray_bin), "job", "logs", "--address", address, job_id],
-            env=env, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        assert f"job '{job_id.lower()}' succeeded" in status, logs[-4000:]
-        assert unauthenticated.returncode != 0  # the token is what lets the job in
-        assert "tune: best eval_loss" in logs
-    finally:
-        _kill_cluster(temp_dir)
+        return next(w.strip("'") for w in words if w.strip("'").startswith("raysubmit_"))
 
-    with open(out / "tune/trials.csv") as handle:
+    def wait(self, job_id: str, timeout: float = 600) -> str:
+        """The job's final status word, lowercase (`ray job status` prints it so)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.job("status", job_id)
+            text = (status.stdout + status.stderr).lower()
+            for word in ("succeeded", "failed", "stopped"):
+                if f"job '{job_id.lower()}' {word}" in text or f"' was {word}" in text:
+                    return word
+            time.sleep(5)
+        return "timed out"
+
+    def logs(self, job_id: str) -> str:
+        return self.job("logs", job_id).stdout
+
+    def stop(self) -> None:
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+
+
+def trial_states(search_dir: Path) -> dict[str, str]:
+    """Trial id -> status, as Tune last saved its experiment state (what a resume reads)."""
+    states = {}
+    for path in search_dir.glob("experiment_state-*.json"):
+        with contextlib.suppress(ValueError, OSError):  # caught mid-write: read it again
+            for entry in json.loads(path.read_text())["trial_data"]:
+                trial = json.loads(entry[0])
+                states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def head():
+    started = Head(cpus=6)
+    yield started
+    started.stop()
+
+
+def test_asha_search_as_a_ray_job_stopped_and_resumed(tmp_path, tiny_model, toy_data, head):
+    """A search submitted with `ray job submit` to a head started by `ray start --head`
+    (token auth on). ASHA, one trial at a time: a good learning rate, then one that
+    diverges. The driver is stopped once the good trial has ended; `--resume` must not
+    rerun it, and ASHA, its rungs restored, must stop the diverging trial before its last
+    step."""
+    unauthenticated = head.job("list", RAY_AUTH_MODE="disabled")
+    assert unauthenticated.returncode != 0  # the token is what lets the jobs in
+
+    asha = tmp_path / "asha"
+    asha_config = tmp_path / "asha.yaml"
+    asha_config.write_text(yaml.safe_dump(tune_config(tiny_model, toy_data, asha)))
+    command = ["-m", "rayft.tune", "--config", str(asha_config)]
+    # Tune saves its experiment state every second (not every 10+), so the driver is
+    # stopped before the second trial's first report.
+    first = head.submit(*command, env_vars={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    # Stop the driver as soon as Tune has recorded the good trial as ended.
+    search_dir = asha / "ray/tune/search"
+    wait_for(lambda: "TERMINATED" in trial_states(search_dir).values(), 600, "a trial")
+    assert head.job("stop", first).returncode == 0
+    at_stop = trial_states(search_dir)
+    assert head.wait(first, timeout=120) == "stopped"
+    good_id = next(k for k, v in at_stop.items() if v == "TERMINATED")
+    assert len(at_stop) == 2 and list(at_stop.values()).count("TERMINATED") == 1, at_stop
+    good_metrics = asha / "tune/trials" / good_id / "metrics.json"
+    finished_at = good_metrics.stat().st_mtime
+    resumed = head.submit(*command, "--resume")
+    assert head.wait(resumed) == "succeeded", head.logs(resumed)[-4000:]
+    asha_logs = head.logs(resumed)
+
+    # ASHA, resumed: the good trial was not rerun; the bad one was stopped early.
+    assert "tune: resuming the search" in asha_logs
+    assert "eval at step 17" in asha_logs  # the bad trial's first evaluation: after the resume
+    assert "tune: best eval_loss" in asha_logs
+    assert good_metrics.stat().st_mtime == finished_at
+    assert not list((asha / "tune/trials" / good_id / "ray").glob("*restored*"))
+    with open(asha / "tune/trials.csv") as handle:
         trials = list(csv.DictReader(handle))
     assert len(trials) == 2
     by_lr = {float(t["train.lr"]): t for t in trials}
+    assert by_lr[GOOD_LR]["trial_id"] == good_id
     full_steps = int(by_lr[GOOD_LR]["steps"])
     assert by_lr[GOOD_LR]["status"] == "completed" and full_steps == 3 * 17
     for lr in BAD_LRS:
         assert by_lr[lr]["status"] == "stopped", trials
         assert int(by_lr[lr]["steps"]) < full_steps
-    best = json.loads((out / "tune/best.json").read_text())
+    best = json.loads((asha / "tune/best.json").read_text())
     assert best["best_config"] == {"train.lr": GOOD_LR}
-    assert best["stopped_early"] == 1 and best["trial_steps"] < 2 * full_steps
+    assert best["stopped_early"] == 1
     assert best["best_metric"] == pytest.approx(float(by_lr[GOOD_LR]["last_eval_loss"]))
     # best/ is a `rayft train` output: a model that loads, its metrics.
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(out / "tune/best/model")
+    model = AutoModelForSequenceClassification.from_pretrained(asha / "tune/best/model")
     assert model.config.num_labels == 2
-    metrics = json.loads((out / "tune/best/metrics.json").read_text())
+    metrics = json.loads((asha / "tune/best/metrics.json").read_text())
     assert metrics["eval_loss"] == pytest.approx(best["best_metric"])
-    assert (out / "tune/trials.png").stat().st_size > 10_000
+    assert (asha / "tune/trials.png").stat().st_size > 10_000
 
-    # Resuming the finished search (here, on the test session's Ray) reruns no trial.
-    again = search(validate_config(config), resume=True)
-    assert (
-        again["trial_steps"] == best["trial_steps"] and again["best_config"] == best["best_config"]
-    )
-    with open(out / "tune/trials.csv") as handle:
-        resumed = {t["trial_id"]: t["wall_seconds"] for t in csv.DictReader(handle)}
-    assert resumed == {t["trial_id"]: t["wall_seconds"] for t in trials}
+
+@pytest.mark.slow
+def test_pbt_restarts_a_trailing_trial_from_a_better_ones_checkpoint(
+    tmp_path, tiny_model, toy_data, head
+):
+    """PBT, a good and a diverging learning rate side by side, submitted as a job: the
+    diverging trial must continue from the good trial's checkpoint at a perturbed learning
+    rate. (Minutes on 2 cores: every exploit restarts worker groups.)"""
+    pbt = tmp_path / "pbt"
+    pbt_config = tmp_path / "pbt.yaml"
+    config = tune_config(
+        tiny_model,
+        toy_data,
+        pbt,
+        scheduler="pbt",
+        # Every report is a chance to exploit; perturb (x0.8, x1.2) rather than draw anew.
+        scheduler_config={"perturbation_interval": 1, "quantile_fraction": 0.5,
+                          "resample_probability": 0.0},
+        eval_every_steps=5,
+        max_concurrent_trials=2,
+    )  # fmt: skip
+    config["train"]["epochs"] = 1
+    pbt_config.write_text(yaml.safe_dump(config))
+    pbt_job = head.submit("-m", "rayft.tune", "--config", str(pbt_config))
+    assert head.wait(pbt_job, timeout=1200) == "succeeded", head.logs(pbt_job)[-4000:]
+    pbt_logs = head.logs(pbt_job)
+
+    # PBT: the diverging trial (grid order: the second) continued from the good one.
+    with open(pbt / "tune/trials.csv") as handle:
+        trials = {t["trial_id"].rsplit("_", 1)[-1]: t for t in csv.DictReader(handle)}
+    assert {t["status"] for t in trials.values()} == {"completed"}, trials
+    exploited = trials["00001"]
+    # Its learning rate is now the good one's times 0.8 or 1.2 (once per exploit).
+    lr = float(exploited["train.lr"])
+    assert abs(math.log(lr / GOOD_LR)) < 3 * math.log(1.25), exploited
+    good_dir = f"trials/{trials['00000']['trial_id']}/ray/"
+    assert f"trial {exploited['trial_id']}: continuing from" in pbt_logs
+    assert any(
+        line.split("continuing from")[-1].find(good_dir) >= 0
+        for line in pbt_logs.splitlines()
+        if f"trial {exploited['trial_id']}: continuing from" in line
+    ), pbt_logs[-3000:]
+    assert "resuming from checkpoint at step" in pbt_logs
+    assert f"learning rate set to {lr:g}" in pbt_logs
+    # Diverged at lr 3, its loss would be far above ln 2; from the good weights it is not.
+    assert float(exploited["last_eval_loss"]) < 0.75, exploited
