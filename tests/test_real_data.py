@@ -11,7 +11,7 @@ from tests.conftest import REPO, SHARED_DATA
 SST2 = SHARED_DATA / "sst2"
 
 
-@pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.skipif(not SST2.is_dir(), reason="../shared/data/sst2 is not present")
 def test_minilm_lora_on_sst2_reaches_085(tmp_path, ray_session):
     lines = (SST2 / "train.tsv").read_text().splitlines()
