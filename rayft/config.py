@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-TASKS = ("sequence_classification",)
+TASKS = ("sequence_classification", "token_classification")
 METHODS = ("full", "lora", "frozen", "two_stage")
 
 # A fresh head trained alone tolerates (and needs) a far larger step than a pretrained
@@ -125,11 +125,33 @@ class DataConfig(_Section):
         "text (stable across runs and machines), e.g. `{train: 0.9, eval: 0.1}`; used "
         "when `data.eval` is not given.",
     )
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll"] = Field(
+        "auto",
+        description="Reader for every data file: `auto` decides by extension (`.conll`, "
+        "`.iob`, `.bio` are CoNLL columns); name one for files whose extension says "
+        "nothing (e.g. WNUT's `emerging.test.annotated`).",
+    )
     text_column: str = Field("text", description="Column holding the input text.")
     text_pair_column: str | None = Field(
         None, description="Optional second text column for sentence-pair tasks."
     )
     label_column: str = Field("label", description="Column holding the label (int or string).")
+    tokens_column: str = Field(
+        "tokens", description="token_classification: column with the list of words."
+    )
+    tags_column: str = Field(
+        "tags", description="token_classification: column with one tag per word."
+    )
+    tag_scheme: Literal["IOB1", "IOB2", "BIOES"] = Field(
+        "IOB2",
+        description="token_classification: how tags mark entities (`B-`/`I-`/`O`, or "
+        "`B-`/`I-`/`E-`/`S-`/`O`); rows with tags outside it are quarantined.",
+    )
+    label_all_subtokens: bool = Field(
+        False,
+        description="token_classification: train on every sub-token of a word (B- "
+        "continues as I-), not only its first. Predictions always read the first.",
+    )
     labels: list[str | int] | None = Field(
         None,
         description="The allowed labels, in id order. When unset, the labels found in "

@@ -65,6 +65,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task's collated batch without its "_" keys (kept for `predict`, not the model)."""
+    return {k: v for k, v in inputs.items() if not k.startswith("_")}
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -150,7 +155,7 @@ def evaluate(
                 batch = {k: v[real] for k, v in batch.items()}
             sources, lines = batch.pop("_source"), batch.pop("_line")
             inputs = _to_device(task.collate(batch, pad_id), engine.device)
-            outputs = engine(**inputs)
+            outputs = engine(**model_inputs(inputs))
             if not real.any():
                 continue  # a forward only to keep ranks in step
             n = int(real.sum())
@@ -230,6 +235,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     pad_id = load_tokenizer(cfg).pad_token_id
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
+    test_shard = ray.train.get_dataset_shard("test") if "test" in plan.pad_rows else None
     phases = methods.phases(cfg)
 
     # Where to start: a fresh run, or the latest complete checkpoint after a restart.
@@ -366,7 +372,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     micro_done + 1 == plan.micro_per_epoch
                 )
                 engine.set_gradient_accumulation_boundary(boundary)
-                outputs = engine(**_to_device(task.collate(batch, pad_id), engine.device))
+                inputs = _to_device(task.collate(batch, pad_id), engine.device)
+                outputs = engine(**model_inputs(inputs))
                 engine.backward(outputs.loss)
                 engine.step()
                 loss_run.add(outputs.loss)
@@ -427,6 +434,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     unset_hf_deepspeed_config()
     predictions: list[dict[str, Any]] = []
     last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
+    if test_shard is not None:  # data.test: scored once, by the final model
+        scores = evaluate(engine, test_shard, task, cfg, plan, pad_id)
+        last_eval.update(
+            {"test_loss" if k == "eval_loss" else "test_rows" if k == "eval_rows" else
+             f"test_{k}": v for k, v in scores.items()}
+        )  # fmt: skip
     full_state = ckpt.full_state_dict(engine, rank)
     export_dir = None
     metrics = {

@@ -18,7 +18,6 @@ from rayft.config import RayftConfig, dump_config, resolve_paths
 from rayft.console import say
 from rayft.data import fs
 from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
-from rayft.evaluate import majority_baseline
 from rayft.loop import HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
 
@@ -68,7 +67,7 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
     columns = [*get_task(cfg.task).fields, "_source", "_line"]
     cfg_json = cfg.model_dump_json()
     datasets = {}
-    for split in ("train", "eval"):
+    for split in [s for s in ("train", "eval", "test") if s in prepared.splits]:
         path = prepared.splits[split]
         rows = ray.data.read_parquet(path, columns=columns)
         ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="numpy")
@@ -226,7 +225,7 @@ def write_outputs(
     }
     if prepared.labels:
         metrics["baselines"] = {
-            "majority": majority_baseline(
+            "majority": get_task(cfg.task).baseline(
                 prepared.label_counts["train"], prepared.label_counts["eval"], prepared.labels
             )
         }

@@ -84,25 +84,20 @@ def output_splits(cfg: RayftConfig) -> list[str]:
 
 def required_columns(cfg: RayftConfig) -> dict[str, str]:
     """Config field -> column name that every input file must provide."""
-    d = cfg.data
-    needed = {"data.text_column": d.text_column}
-    if get_task(cfg.task).label_field:
-        needed["data.label_column"] = d.label_column
-    if d.text_pair_column:
-        needed["data.text_pair_column"] = d.text_pair_column
-    return needed
+    return get_task(cfg.task).columns(cfg.data)
 
 
 def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
     """Expand every split's files and check the first records' columns, on the driver,
     so a typo fails in a second with the file named, not minutes later in a worker."""
     files = {
-        split: expand_sources(spec, f"data.{split}") for split, spec in split_fields(cfg).items()
+        split: expand_sources(spec, f"data.{split}", cfg.data.format)
+        for split, spec in split_fields(cfg).items()
     }
     needed = required_columns(cfg)
     for split, paths in files.items():
         for path in paths[:PEEK_FILES]:
-            columns, has_rows = peek_columns(path)
+            columns, has_rows = peek_columns(path, forced=cfg.data.format)
             if not has_rows:
                 raise DataError(f"data.{split}: {path} is empty (no rows); remove it or fill it")
             if columns is None:
@@ -363,9 +358,15 @@ def _count_block(table: pa.Table, *, label_field: str | None) -> pa.Table:
     """Partial counts of one block: per key tuple, plus length histograms of kept rows
     (rows with kind 'chars' / 'tokens' and a bin index)."""
     columns = {k: table.column(k).to_pylist() for k in COUNT_KEYS[:-1]}
-    columns["label"] = (
-        table.column(label_field).to_pylist() if label_field else [None] * table.num_rows
-    )
+    labels = table.column(label_field).to_pylist() if label_field else [None] * table.num_rows
+    # Tag sequences (token classification) are counted tag by tag, kept rows only.
+    listed = label_field is not None and pa.types.is_list(table.schema.field(label_field).type)
+    columns["label"] = [None] * table.num_rows if listed else labels
+    tags: Counter = Counter()
+    if listed:
+        for split, part, row_tags in zip(columns["_split"], columns["part"], labels, strict=True):
+            if part == split:
+                tags.update((split, tag) for tag in row_tags or ())
     counted: Counter = Counter(zip(*(columns[k] for k in COUNT_KEYS), strict=True))
     cleaned: Counter = Counter()
     for split, steps in zip(columns["_split"], table.column("_cleaned").to_pylist(), strict=True):
@@ -386,6 +387,8 @@ def _count_block(table: pa.Table, *, label_field: str | None) -> pa.Table:
         emit("rows", key, None, n)
     for (split, step), n in cleaned.items():
         emit("cleaned", (split, None, step, None, None, None, None), None, n)
+    for (split, tag), n in tags.items():
+        emit("label", (split, None, None, None, None, None, tag), None, n)
     parts = np.asarray(columns["part"], dtype=object)
     splits = np.asarray(columns["_split"], dtype=object)
     kept = parts == splits
@@ -487,7 +490,7 @@ def _run_passes(cfg: RayftConfig, files: dict[str, list[str]], root: str, rows_d
     stage_dir, marks_dir = fs.join(root, "stage"), fs.join(root, "marks")
     cfg_json = cfg.model_dump_json()
     annotated = [
-        read_records(paths).map_batches(
+        read_records(paths, cfg.data.format).map_batches(
             functools.partial(annotate_block, cfg_json=cfg_json, split=split),
             batch_format="pyarrow",
         )
@@ -572,6 +575,9 @@ def _summarize(
         if kind == "cleaned":
             per_split[split]["cleaned"][row["_reason"]] += n
             continue
+        if kind == "label":
+            label_counts[split][row["label"]] += n
+            continue
         if kind != "rows":
             entry = hist[split][kind].setdefault(row["bin"], [0, 0, 0])
             entry[0] += n
@@ -597,7 +603,7 @@ def _summarize(
                 entry["truncated"][row["_truncated"]] += n
             if row["_dedup"]:
                 entry["contamination_kept"][row["_dedup"]] += n
-            if label_field:
+            if label_field and row["label"] is not None:
                 label_counts[split][row["label"]] += n
     for entry in per_split.values():
         for name in (
@@ -764,7 +770,8 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
                 f"rows were rejected for: {reasons}. See {cfg.output_dir}/quarantine/ "
                 f"and {cfg.output_dir}/data_report.json"
             )
-    if not get_task(cfg.task).label_field:
+    label_field = get_task(cfg.task).label_field
+    if not label_field:
         return
     train_labels = set(prepared.label_counts.get("train", {}))
     if len(train_labels) < 2 and cfg.data.labels is None:
@@ -777,7 +784,7 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
         unseen = sorted(set(counts) - known)
         if unseen:
             label = unseen[0]
-            where = _first_row_with_label(prepared.splits[split], label)
+            where = _first_row_with_label(prepared.splits[split], label_field, label)
             raise DataError(
                 f"data.{split} label '{label}' ({where}) never occurs in data.train "
                 f"(labels: {', '.join(prepared.labels)}); add training rows with it, "
@@ -785,13 +792,12 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
             )
 
 
-def _first_row_with_label(split_dir: str, label: str) -> str:
+def _first_row_with_label(split_dir: str, field: str, label: str) -> str:
     import ray.data
-    from ray.data.expressions import col
 
     rows = (
-        ray.data.read_parquet(split_dir, columns=["_source", "_line", "label"])
-        .filter(expr=col("label") == label)
+        ray.data.read_parquet(split_dir, columns=["_source", "_line", field])
+        .filter(lambda row: row[field] == label or label in list(row[field] or ()))
         .take(1)
     )
     if not rows:

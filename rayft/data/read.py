@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "arrow")
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll")
 HUB = "hf://"
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -30,6 +30,9 @@ _SUFFIXES = {
     ".parquet": "parquet",
     ".txt": "text",
     ".arrow": "arrow",  # the shards of a `datasets.save_to_disk` directory
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
 BLOCK_ROWS = 8192
@@ -58,7 +61,10 @@ class RawRecord:
     reason: str | None
 
 
-def detect_format(path: str) -> str | None:
+def detect_format(path: str, forced: str | None = None) -> str | None:
+    """The reader for `path`: `forced` (`data.format`) if given, else by extension."""
+    if forced and forced != "auto":
+        return forced
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
@@ -69,7 +75,7 @@ def detect_format(path: str) -> str | None:
     return None
 
 
-def expand_sources(spec: str | list[str], field: str) -> list[str]:
+def expand_sources(spec: str | list[str], field: str, forced: str | None = None) -> list[str]:
     """Files named by path(s), glob(s) or directories, sorted; errors name the config field."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[str] = []
@@ -89,7 +95,7 @@ def expand_sources(spec: str | list[str], field: str) -> list[str]:
                 os.path.join(root, f)
                 for root, _, names in os.walk(item)
                 for f in names
-                if detect_format(f) and not f.startswith((".", "_"))
+                if detect_format(f, forced) and not f.startswith((".", "_"))
             )
             if not found:
                 raise DataError(
@@ -107,10 +113,11 @@ def expand_sources(spec: str | list[str], field: str) -> list[str]:
         else:
             raise DataError(f"{field}: file {item} does not exist (check the path, or the cwd)")
     for path in files:
-        if not path.startswith(HUB) and detect_format(path) is None:
+        if not path.startswith(HUB) and detect_format(path, forced) is None:
             raise DataError(
                 f"{field}: cannot tell the format of {path} from its extension "
-                f"(supported: {', '.join(sorted(_SUFFIXES))}, optionally .gz)"
+                f"(supported: {', '.join(sorted(_SUFFIXES))}, optionally .gz); "
+                f"or name it with data.format ({', '.join(FORMATS)})"
             )
     return files
 
@@ -283,7 +290,44 @@ def _read_arrow(stream: IO[bytes]) -> Iterator[RawRecord]:
     return _rows_as_records(row for batch in batches for row in batch.to_pylist())
 
 
+def _conll_sentence(lines: list[tuple[int, str, str | None]]) -> RawRecord:
+    first = lines[0][0]
+    raw = "\n".join(text for _, text, _ in lines)
+    bad = next((b for _, _, b in lines if b), None)
+    if bad:
+        return RawRecord(first, raw, None, bad)
+    tokens, tags = [], []
+    for _, text, _ in lines:
+        cells = text.split("\t") if "\t" in text else text.split()
+        cells = [c.strip() for c in cells]
+        if len(cells) < 2 or not cells[0] or not cells[-1]:
+            return RawRecord(first, raw, None, "conll_line_without_tag")
+        tokens.append(cells[0])
+        tags.append(cells[-1])
+    return RawRecord(first, raw, {"tokens": tokens, "tags": tags}, None)
+
+
+def _read_conll(stream: IO[bytes]) -> Iterator[RawRecord]:
+    """CoNLL columns: a word per line, its token first and its tag last (tab- or
+    space-separated); a blank line (or one of only whitespace) ends a sentence, which is
+    one record, numbered by its first line. `-DOCSTART-` lines are not records."""
+    sentence: list[tuple[int, str, str | None]] = []
+    for number, line in iter_lines(stream):
+        text, bad = _decode(line)
+        if not text.strip() or text.startswith("-DOCSTART-"):
+            if sentence:
+                yield _conll_sentence(sentence)
+                sentence = []
+            if text.strip():
+                yield RawRecord(number, text, None, BLANK)  # counted apart, like blank lines
+            continue
+        sentence.append((number, text, bad))
+    if sentence:
+        yield _conll_sentence(sentence)
+
+
 READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
+    "conll": _read_conll,
     "jsonl": _read_jsonl,
     "text": _read_text,
     "csv": lambda s: _read_delimited(s, ","),
@@ -293,8 +337,8 @@ READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
 }
 
 
-def iter_records(stream: IO[bytes], path: str) -> Iterator[RawRecord]:
-    fmt = detect_format(path)
+def iter_records(stream: IO[bytes], path: str, forced: str | None = None) -> Iterator[RawRecord]:
+    fmt = detect_format(path, forced)
     if fmt is None:
         raise DataError(f"cannot tell the format of {path} from its extension")
     return READERS[fmt](stream)
@@ -306,13 +350,15 @@ def open_local(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def peek_columns(path: str, max_lines: int = 1000) -> tuple[list[str] | None, bool]:
+def peek_columns(
+    path: str, max_lines: int = 1000, forced: str | None = None
+) -> tuple[list[str] | None, bool]:
     """(columns of the first parsable record, whether the file holds any non-blank row)."""
     if "://" in path:
         return None, True  # remote and hub sources are checked by the workers
     with open_local(path) as stream:
         seen_row = False
-        for i, rec in enumerate(iter_records(stream, path)):
+        for i, rec in enumerate(iter_records(stream, path, forced)):
             if rec.reason != BLANK:
                 seen_row = True
             if rec.record is not None:
@@ -360,13 +406,17 @@ def _records_datasource_class():
     class RecordsDatasource(FileBasedDatasource):
         """Any supported format -> rows with provenance, streamed block by block."""
 
+        def __init__(self, paths: list[str], forced: str | None = None):
+            super().__init__(paths)
+            self.forced = forced
+
         def _open_input_source(self, filesystem, path, **open_args):
-            if detect_format(path) == "parquet":  # needs random access to its footer
+            if detect_format(path, self.forced) == "parquet":  # random access to its footer
                 return filesystem.open_input_file(path)
             return super()._open_input_source(filesystem, path, **open_args)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-            return _blocks(path, iter_records(f, path))
+            return _blocks(path, iter_records(f, path, self.forced))
 
     return RecordsDatasource
 
@@ -408,13 +458,14 @@ def _hub_datasource_class():
     return HubDatasource
 
 
-def read_records(paths: list[str]):
-    """A Ray Dataset of raw records (schema ``SCHEMA``) from files of any supported format,
-    and hub datasets (``hf://...``)."""
+def read_records(paths: list[str], forced: str | None = None):
+    """A Ray Dataset of raw records (schema ``SCHEMA``) from files of any supported format
+    (`forced`: `data.format`), and hub datasets (``hf://...``)."""
     import ray.data
 
     files = [p for p in paths if not p.startswith(HUB)]
-    parts = [ray.data.read_datasource(_records_datasource_class()(files))] if files else []
+    source = _records_datasource_class()
+    parts = [ray.data.read_datasource(source(files, forced))] if files else []
     hub = _hub_datasource_class()
     parts += [ray.data.read_datasource(hub(p)) for p in paths if p.startswith(HUB)]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

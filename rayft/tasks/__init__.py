@@ -42,12 +42,16 @@ class Task:
     describe: Callable[[dict[str, Any], list[str]], dict[str, Any]]
     # peft task type for LoRA
     peft_task_type: str
+    # data config -> {config field: column} every input file must have
+    columns: Callable[[DataConfig], dict[str, str]]
+    # (train label counts, eval label counts, labels) -> the trivial predictor's metrics
+    baseline: Callable[[dict[str, int], dict[str, int], list[str]], dict[str, Any]]
 
 
 def get_task(name: str) -> Task:
-    from rayft.tasks import classification
+    from rayft.tasks import classification, token_classification
 
-    registry = {"sequence_classification": classification.TASK}
+    registry = {t.name: t for t in (classification.TASK, token_classification.TASK)}
     try:
         return registry[name]
     except KeyError:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import torch
 
 from rayft.config import DataConfig, RayftConfig
+from rayft.evaluate import majority_baseline
 from rayft.tasks import Task
 from rayft.tasks.common import canonical_label, max_tokens, pad_sequences
 
@@ -121,6 +122,13 @@ def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def columns(data: DataConfig) -> dict[str, str]:
+    needed = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+    if data.text_pair_column:
+        needed["data.text_pair_column"] = data.text_pair_column
+    return needed
+
+
 TASK = Task(
     name="sequence_classification",
     fields={"text": pa.string(), "text_pair": pa.string(), "label": pa.string()},
@@ -136,4 +144,6 @@ TASK = Task(
     compute_metrics=compute_metrics,
     describe=describe,
     peft_task_type="SEQ_CLS",
+    columns=columns,
+    baseline=majority_baseline,
 )

@@ -1,0 +1,196 @@
+"""Token classification (named-entity recognition): words with one tag each.
+
+Words are split into sub-tokens by the model's (fast) tokenizer; the first sub-token of
+each word carries the word's tag and the rest are left out of the loss, or, with
+`data.label_all_subtokens`, carry it too (a B- tag continues as I-). Predictions are read
+at each word's first sub-token; words cut off by truncation count as predicted `O`, so
+the entity scores are against every gold entity of the eval split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rayft.config import DataConfig, RayftConfig
+from rayft.tasks import Task
+from rayft.tasks.common import max_tokens, pad_sequences
+from rayft.tasks.entities import check_tags, entity_scores
+
+IGNORE = -100  # positions the loss skips
+
+
+def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    tokens, tags = record.get(data.tokens_column), record.get(data.tags_column)
+    if tokens is None:
+        return None, "missing_tokens"
+    if tags is None:
+        return None, "missing_tags"
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        return None, "tokens_not_a_list_of_strings"
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return None, "tags_not_a_list_of_strings"
+    if not tokens:
+        return None, "no_tokens"
+    if len(tokens) != len(tags):
+        return None, "tokens_and_tags_differ_in_length"
+    tags = [t.strip() for t in tags]
+    if check_tags(tags, data.tag_scheme) is not None:
+        return None, f"tag_not_{data.tag_scheme}"
+    if data.labels is not None and not set(tags) <= {str(x) for x in data.labels}:
+        return None, "label_not_allowed"
+    # `text` stands for the sentence in cleaning statistics, length filters and dedup.
+    return {"text": " ".join(tokens), "tokens": tokens, "tags": tags}, None
+
+
+def _continuation(tag: str, label2id: dict[str, int]) -> str:
+    """The tag a word's later sub-tokens get with `label_all_subtokens`."""
+    if tag[:2] in ("B-", "S-") and f"I-{tag[2:]}" in label2id:
+        return f"I-{tag[2:]}"
+    return tag
+
+
+def tokenize(
+    batch: dict[str, np.ndarray], tokenizer: Any, cfg: RayftConfig, label2id: dict[str, int]
+) -> dict[str, Any]:
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"token_classification needs a fast tokenizer (word alignment); "
+            f"{cfg.model.tokenizer or cfg.model.name_or_path} has none"
+        )
+    words = [[str(w) for w in row] for row in batch["tokens"]]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_tokens(cfg))
+    input_ids, labels, word_pos, gold = [], [], [], []
+    for i, tags in enumerate(batch["tags"]):
+        ids = [label2id[t] for t in tags]
+        row_labels, row_pos, previous = [], [], None
+        for word in enc.word_ids(i):
+            first = word is not None and word != previous
+            if word is None:
+                row_labels.append(IGNORE)
+            elif first:
+                row_labels.append(ids[word])
+            elif cfg.data.label_all_subtokens:
+                row_labels.append(label2id[_continuation(tags[word], label2id)])
+            else:
+                row_labels.append(IGNORE)
+            row_pos.append(word + 1 if first else 0)
+            previous = word
+        input_ids.append(np.asarray(enc["input_ids"][i], dtype=np.int32))
+        labels.append(np.asarray(row_labels, dtype=np.int64))
+        word_pos.append(np.asarray(row_pos, dtype=np.int32))
+        gold.append(np.asarray(ids, dtype=np.int32))
+    return {"input_ids": input_ids, "labels": labels, "word_pos": word_pos, "gold": gold}
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
+    labels, _ = pad_sequences(batch["labels"], IGNORE)
+    word_pos, _ = pad_sequences(batch["word_pos"], 0)
+    # Keys starting with "_" are for `predict`, not the model.
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "_word_pos": word_pos,
+    }
+
+
+def auto_class() -> Any:
+    from transformers import AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification
+
+
+def model_kwargs(labels: list[str]) -> dict[str, Any]:
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+def predict(outputs: Any, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:
+    """Per row: (word index, predicted tag id) for every word the model saw."""
+    best = outputs.logits.argmax(dim=-1).cpu()
+    word_pos = inputs["_word_pos"].cpu()
+    rows = []
+    for tags, pos in zip(best.tolist(), word_pos.tolist(), strict=True):
+        rows.append([(p - 1, t) for p, t in zip(pos, tags, strict=True) if p > 0])
+    return rows
+
+
+def references(batch: dict[str, Any]) -> list[list[int]]:
+    return [[int(x) for x in row] for row in batch["gold"]]
+
+
+def word_tags(prediction: list[Any], n_words: int, labels: list[str]) -> list[str]:
+    """Predicted tag per word; words the model never saw (truncated) are `O`."""
+    tags = ["O"] * n_words
+    for word, tag in prediction:
+        tags[word] = labels[tag]
+    return tags
+
+
+def compute_metrics(preds: list[Any], refs: list[Any], labels: list[str]) -> dict[str, Any]:
+    predicted = [word_tags(p, len(r), labels) for p, r in zip(preds, refs, strict=True)]
+    gold = [[labels[t] for t in r] for r in refs]
+    scores = entity_scores(predicted, gold)
+    unseen = sum(len(r) - len(p) for p, r in zip(preds, refs, strict=True))
+    return {**scores, "words_truncated": unseen}
+
+
+def baseline(
+    train_counts: dict[str, int], eval_counts: dict[str, int], labels: list[str]
+) -> dict[str, Any]:
+    """Tag every word with the most frequent training tag (`O` in practice): no entities
+    found, so entity precision / recall / F1 are 0 and token accuracy is that tag's share."""
+    tag = max(sorted(train_counts), key=lambda t: train_counts[t])
+    total = sum(eval_counts.values())
+    return {
+        "label": tag,
+        "token_accuracy": eval_counts.get(tag, 0) / total if total else 0.0,
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+    }
+
+
+def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    gold = [labels[t] for t in row["reference"]]
+    return {
+        "source": row["source"],
+        "line": row["line"],
+        "tags": gold,
+        "prediction": word_tags(row["prediction"], len(gold), labels),
+    }
+
+
+def columns(data: DataConfig) -> dict[str, str]:
+    return {"data.tokens_column": data.tokens_column, "data.tags_column": data.tags_column}
+
+
+TASK = Task(
+    name="token_classification",
+    fields={
+        "text": pa.string(),
+        "tokens": pa.list_(pa.string()),
+        "tags": pa.list_(pa.string()),
+    },
+    text_fields=("text",),
+    extract=extract,
+    label_field="tags",
+    tokenize=tokenize,
+    collate=collate,
+    auto_class=auto_class,
+    model_kwargs=model_kwargs,
+    predict=predict,
+    references=references,
+    compute_metrics=compute_metrics,
+    describe=describe,
+    peft_task_type="TOKEN_CLS",
+    columns=columns,
+    baseline=baseline,
+)
