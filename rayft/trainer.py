@@ -236,13 +236,12 @@ def write_outputs(
 
 
 def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
-    shown = [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "eval_loss") if k in metrics]
+    keys = ("accuracy", "token_accuracy", "f1", "eval_loss", "test_f1", "test_accuracy")
+    shown = [f"{k} {metrics[k]:.4f}" for k in keys if k in metrics]
     majority = metrics.get("baselines", {}).get("majority")
     if majority:
-        shown.append(
-            f"(majority-class baseline: accuracy {majority['accuracy']:.4f}, "
-            f"f1 {majority['f1']:.4f})"
-        )
+        scores = ", ".join(f"{k} {majority[k]:.4f}" for k in keys if k in majority)
+        shown.append(f"(majority baseline: {scores})")
     say(f"done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
     where = os.path.join(cfg.output_dir, ckpt.MODEL_DIR)
     adapter = os.path.join(cfg.output_dir, ckpt.ADAPTER_DIR)

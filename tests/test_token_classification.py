@@ -207,7 +207,7 @@ def test_toy_ner_learns_with_lora_on_zero3(tmp_path, ray_session):
     )
     history = [json.loads(line) for line in (tmp_path / "out/history.jsonl").open()]
     assert history[-1]["eval_loss"] < history[0]["eval_loss"]
-    predictions = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").open()]
+    predictions = [json.loads(line) for line in (tmp_path / "out/eval_predictions.jsonl").open()]
     assert len(predictions) == 40
     assert predictions[0]["tags"] == eval_rows[0]["tags"]
     report = json.loads((tmp_path / "out/data_report.json").read_text())
