@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from rayft import checkpoint as ckpt
 from rayft.config import RayftConfig, dump_config, resolve_paths
@@ -38,9 +39,9 @@ def tokenize_block(batch: dict[str, np.ndarray], *, cfg_json: str, label2id: dic
     return out
 
 
-def _mark_pad(batch: dict[str, np.ndarray], *, value: bool) -> dict[str, np.ndarray]:
-    batch["_pad"] = np.full(len(next(iter(batch.values()))), value)
-    return batch
+def _mark_pad(batch: pa.Table, *, value: bool) -> pa.Table:
+    # Arrow in, Arrow out: list columns (NER's words and tags) stay Arrow lists.
+    return batch.append_column("_pad", pa.array(np.full(batch.num_rows, value)))
 
 
 def ingest_options() -> Any:
@@ -70,11 +71,11 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
     for split in [s for s in ("train", "eval", "test") if s in prepared.splits]:
         path = prepared.splits[split]
         rows = ray.data.read_parquet(path, columns=columns)
-        ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="numpy")
+        ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="pyarrow")
         pad = plan.pad_rows.get(split, 0)
         if pad:
             extra = rows.limit(pad).map_batches(
-                functools.partial(_mark_pad, value=True), batch_format="numpy"
+                functools.partial(_mark_pad, value=True), batch_format="pyarrow"
             )
             ds = ds.union(extra)
         ds = ds.map_batches(

@@ -35,6 +35,7 @@ from rayft.config import (
 )
 from rayft.console import say
 from rayft.data import fs
+from rayft.tasks import get_task
 
 TUNE_DIR = "tune"
 POINTER_FILE = "rayft_train_checkpoint.json"
@@ -83,6 +84,12 @@ def check_search_space(cfg: RayftConfig) -> None:
                     f"tune.search_space.{key}: search_alg grid needs grid or choice values, "
                     f"got {next(iter(spec))}; use search_alg random or optuna for it"
                 )
+    known = (*get_task(cfg.task).metric_names, "eval_loss")
+    if cfg.tune.metric not in known:
+        problems.append(
+            f"tune.metric: {cfg.task} reports no {cfg.tune.metric!r} while it trains; "
+            f"use one of {', '.join(known)}"
+        )
     if cfg.tune.scheduler == "pbt" and "train.lr" not in space:
         problems.append("tune.scheduler pbt perturbs the learning rate: add train.lr to "
                         "tune.search_space")  # fmt: skip

@@ -70,6 +70,12 @@ def test_search_space_problems_are_all_reported_before_anything_runs(tmp_path):
     assert any(p.startswith("tune.search_space.train.batch_size = 'big'") for p in problems)
     assert any(p.startswith("tune.search_space.deepspeed.stage = 5") for p in problems)
     assert not any("method" in p for p in problems)
+    raw["tune"] = {"search_space": {"train.lr": {"grid": [1e-3]}}, "metric": "token_accuracy"}
+    with pytest.raises(ConfigError, match="sequence_classification reports no 'token_accuracy'"):
+        check_search_space(validate_config(raw))
+    raw["task"] = "token_classification"
+    check_search_space(validate_config(raw))  # NER does report it
+    del raw["task"]
     raw["tune"] = {"search_space": {"train.lr": {"uniform": [1e-5, 1e-3]}}, "search_alg": "grid"}
     with pytest.raises(ConfigError, match="search_alg grid needs grid or choice values"):
         check_search_space(validate_config(raw))

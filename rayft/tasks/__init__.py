@@ -46,6 +46,8 @@ class Task:
     columns: Callable[[DataConfig], dict[str, str]]
     # (train label counts, eval label counts, labels) -> the trivial predictor's metrics
     baseline: Callable[[dict[str, int], dict[str, int], list[str]], dict[str, Any]]
+    # the eval metrics `compute_metrics` reports (eval_loss comes with every task)
+    metric_names: tuple[str, ...] = ()
 
 
 def get_task(name: str) -> Task:

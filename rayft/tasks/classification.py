@@ -146,4 +146,5 @@ TASK = Task(
     peft_task_type="SEQ_CLS",
     columns=columns,
     baseline=majority_baseline,
+    metric_names=("accuracy", "precision", "recall", "f1"),
 )

@@ -193,4 +193,5 @@ TASK = Task(
     peft_task_type="TOKEN_CLS",
     columns=columns,
     baseline=baseline,
+    metric_names=("precision", "recall", "f1", "token_accuracy"),
 )
