@@ -11,7 +11,7 @@ import torch
 from rayft.config import DataConfig, RayftConfig
 from rayft.evaluate import majority_baseline
 from rayft.tasks import Task
-from rayft.tasks.common import canonical_label, max_tokens, pad_sequences
+from rayft.tasks.common import canonical_label, label_head_kwargs, max_tokens, pad_sequences
 
 
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
@@ -77,14 +77,6 @@ def auto_class() -> Any:
     return AutoModelForSequenceClassification
 
 
-def model_kwargs(labels: list[str]) -> dict[str, Any]:
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
-
-
 def references(batch: dict[str, Any]) -> list[int]:
     return [int(x) for x in batch["labels"]]
 
@@ -138,7 +130,7 @@ TASK = Task(
     tokenize=tokenize,
     collate=collate,
     auto_class=auto_class,
-    model_kwargs=model_kwargs,
+    model_kwargs=label_head_kwargs,
     predict=predict,
     references=references,
     compute_metrics=compute_metrics,

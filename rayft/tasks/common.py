@@ -31,6 +31,15 @@ def sort_labels(labels: list[str]) -> list[str]:
         return sorted(labels)
 
 
+def label_head_kwargs(labels: list[str]) -> dict[str, Any]:
+    """Model config for a head with one output per label, named both ways."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
 def pad_sequences(
     seqs: np.ndarray | list, pad_value: int, multiple: int = PAD_MULTIPLE
 ) -> tuple[torch.Tensor, torch.Tensor]:

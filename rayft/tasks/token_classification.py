@@ -16,7 +16,7 @@ import torch
 
 from rayft.config import DataConfig, RayftConfig
 from rayft.tasks import Task
-from rayft.tasks.common import max_tokens, pad_sequences
+from rayft.tasks.common import label_head_kwargs, max_tokens, pad_sequences
 from rayft.tasks.entities import check_tags, entity_scores
 
 IGNORE = -100  # positions the loss skips
@@ -104,14 +104,6 @@ def auto_class() -> Any:
     return AutoModelForTokenClassification
 
 
-def model_kwargs(labels: list[str]) -> dict[str, Any]:
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
-
-
 def predict(outputs: Any, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:
     """Per row: (word index, predicted tag id) for every word the model saw."""
     best = outputs.logits.argmax(dim=-1).cpu()
@@ -185,7 +177,7 @@ TASK = Task(
     tokenize=tokenize,
     collate=collate,
     auto_class=auto_class,
-    model_kwargs=model_kwargs,
+    model_kwargs=label_head_kwargs,
     predict=predict,
     references=references,
     compute_metrics=compute_metrics,
