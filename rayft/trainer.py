@@ -104,7 +104,7 @@ def build_trainer(
     *,
     run_name: str | None = None,
     callbacks: list[Any] | None = None,
-    resume_from: Any | None = None,
+    resume_from: str | None = None,
 ) -> Any:
     """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -122,7 +122,7 @@ def build_trainer(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "plan": asdict(plan),
-            "resume_from": resume_from.path if resume_from is not None else None,
+            "resume_from": resume_from,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -151,7 +151,7 @@ def default_run_name(cfg: RayftConfig) -> str:
     return f"rayft-{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def init_ray(cfg: RayftConfig, trials: int = 1) -> None:
+def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> None:
     """Join the cluster this process belongs to (``RAY_ADDRESS``, `ray job submit`, or a
     running local head); otherwise start a local Ray with enough logical CPUs for the
     workers plus the data pipeline, which needs CPUs of its own to stream batches."""
@@ -169,7 +169,7 @@ def init_ray(cfg: RayftConfig, trials: int = 1) -> None:
     except ConnectionError:
         pass
     s = cfg.scaling
-    needed = math.ceil(trials * (s.num_workers * s.cpus_per_worker + 0.1)) + 2
+    needed = math.ceil(trials * (s.num_workers * s.cpus_per_worker + driver_cpus)) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
 
 

@@ -158,7 +158,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) ->
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
     """A Tune function trainable: one multi-worker Ray Train + DeepSpeed run."""
-    import ray.train
     from ray import tune
     from ray.util.queue import Empty, Queue
 
@@ -182,9 +181,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
         # A new Train run (Train's own resume is for restarts of this run) from a copy:
         # the trial that wrote the state may delete it as its training moves on.
         run_name = f"{cfg.run_name}-restored-{time.strftime('%H%M%S')}"
-        resume = ray.train.Checkpoint(
-            fs.copy_tree(source, fs.join(cfg.storage_path, run_name, "from"))
-        )
+        resume = fs.copy_tree(source, fs.join(cfg.storage_path, run_name, "from"))
         say(f"trial {trial_id}: continuing from {source}")
     queue = Queue(actor_options={"num_cpus": 0})  # fits in the trial's 0.1-CPU bundle
     trainer = build_trainer(
@@ -324,7 +321,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     files = check_sources(cfg)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     os.makedirs(out, exist_ok=True)
-    init_ray(cfg, trials=t.max_concurrent_trials or 1)
+    init_ray(cfg, trials=t.max_concurrent_trials or 1, driver_cpus=DRIVER_CPUS)
     prepare(cfg, files)  # once, here: every trial reuses the shards
     base = cfg.model_dump(mode="json", exclude={"tune"})
     base["train"]["eval_every_steps"] = t.eval_every_steps or base["train"]["eval_every_steps"]
