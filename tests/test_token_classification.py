@@ -185,12 +185,13 @@ def test_toy_ner_learns_with_lora_on_zero3(tmp_path, ray_session):
     train = write_conll(tmp_path / "train.conll", ner_rows(240, seed=0))
     eval_rows = ner_rows(40, seed=1)
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    test = write_conll(tmp_path / "test.conll", ner_rows(30, seed=2))
     cfg = validate_config(
         {
             "task": "token_classification",
             "method": "lora",
             "model": {"name_or_path": model},
-            "data": {"train": train, "eval": str(tmp_path / "eval.jsonl"),
+            "data": {"train": train, "eval": str(tmp_path / "eval.jsonl"), "test": test,
                      "dedup": {"exact": False, "near": False, "remove_contaminated": False}},
             "output_dir": str(tmp_path / "out"),
             "scaling": {"num_workers": 2},
@@ -202,6 +203,9 @@ def test_toy_ner_learns_with_lora_on_zero3(tmp_path, ray_session):
     metrics = fit(cfg)
     assert metrics["baselines"]["majority"]["f1"] == 0.0
     assert metrics["f1"] > 0.9, metrics
+    # data.test is scored once by the final model, apart from eval.
+    assert metrics["test_rows"] == 30 and metrics["test_f1"] > 0.9, metrics
+    assert "test_per_type" in metrics and "test_loss" in metrics
     assert metrics["per_type"]["location"]["support"] == sum(
         t == "B-location" for r in eval_rows for t in r["tags"]
     )
