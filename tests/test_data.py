@@ -198,3 +198,11 @@ def test_a_split_with_no_usable_rows_fails_with_the_reasons(tmp_path, ray_sessio
     eval_ = _write(tmp_path / "e.jsonl", [{"text": "c", "label": 1}])
     with pytest.raises(DataError, match=r"data.train: no usable rows .*invalid_json \(1\)"):
         prepare(_cfg(tmp_path, train, eval_, model=tiny_model, max_bad_fraction=1))
+
+
+def test_a_label_is_matched_whole_or_as_a_tag_of_a_sequence():
+    from rayft.data.prepare import _holds_label
+
+    assert _holds_label("1", "1") and not _holds_label("10", "1")  # not a substring search
+    assert _holds_label(["O", "B-person"], "B-person") and not _holds_label(["O"], "B")
+    assert not _holds_label(None, "1")

@@ -792,12 +792,20 @@ def _check_labels(cfg: RayftConfig, prepared: Prepared) -> None:
             )
 
 
+def _holds_label(value: Any, label: str) -> bool:
+    """A row's label is `label`, or its tag sequence contains it (token classification);
+    a string label is compared whole, never searched for characters."""
+    if isinstance(value, str) or value is None:
+        return value == label
+    return label in list(value)
+
+
 def _first_row_with_label(split_dir: str, field: str, label: str) -> str:
     import ray.data
 
     rows = (
         ray.data.read_parquet(split_dir, columns=["_source", "_line", field])
-        .filter(lambda row: row[field] == label or label in list(row[field] or ()))
+        .filter(lambda row: _holds_label(row[field], label))
         .take(1)
     )
     if not rows:
