@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-TASKS = ("sequence_classification", "token_classification")
+TASKS = ("sequence_classification", "token_classification", "question_answering")
 METHODS = ("full", "lora", "frozen", "two_stage")
 
 # A fresh head trained alone tolerates (and needs) a far larger step than a pretrained
@@ -125,11 +125,20 @@ class DataConfig(_Section):
         "text (stable across runs and machines), e.g. `{train: 0.9, eval: 0.1}`; used "
         "when `data.eval` is not given.",
     )
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll"] = Field(
-        "auto",
-        description="Reader for every data file: `auto` decides by extension (`.conll`, "
-        "`.iob`, `.bio` are CoNLL columns); name one for files whose extension says "
-        "nothing (e.g. WNUT's `emerging.test.annotated`).",
+    split_by: str | None = Field(
+        None,
+        description="With `data.split`: carve by a hash of this column instead of the text, "
+        "so rows sharing its value share a split (e.g. `title`: SQuAD questions of one "
+        "article never straddle train and eval).",
+    )
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll", "squad"] = (
+        Field(
+            "auto",
+            description="Reader for every data file: `auto` decides by extension (`.conll`, "
+            "`.iob`, `.bio` are CoNLL columns; a `.json` file holding a SQuAD document is "
+            "read as SQuAD); name one for files whose extension says nothing (e.g. WNUT's "
+            "`emerging.test.annotated`). `squad`: SQuAD v1.1 JSON, one row per question.",
+        )
     )
     text_column: str = Field("text", description="Column holding the input text.")
     text_pair_column: str | None = Field(
@@ -151,6 +160,39 @@ class DataConfig(_Section):
         False,
         description="token_classification: train on every sub-token of a word (B- "
         "continues as I-), not only its first. Predictions always read the first.",
+    )
+    question_column: str = Field(
+        "question", description="question_answering: column with the question."
+    )
+    context_column: str = Field(
+        "context", description="question_answering: column with the passage to answer from."
+    )
+    answers_column: str = Field(
+        "answers",
+        description="question_answering: the gold answers, SQuAD style: a list of "
+        "`{text, answer_start}` or `{text: [...], answer_start: [...]}` (character offsets "
+        "into the context). The first trains; all count in evaluation.",
+    )
+    doc_stride: int | None = Field(
+        None,
+        ge=1,
+        description="question_answering: tokens shared by consecutive windows of a long "
+        "context (default: a third of `train.max_seq_len`).",
+    )
+    max_question_tokens: int = Field(
+        64,
+        ge=1,
+        description="question_answering: questions longer than this are filtered out "
+        "(counted in the data report), so every window keeps room for context.",
+    )
+    max_answer_tokens: int = Field(
+        30, ge=1, description="question_answering: longest answer span predicted, in tokens."
+    )
+    n_best: int = Field(
+        20,
+        ge=1,
+        description="question_answering: start and end candidates per window searched for "
+        "the best valid span.",
     )
     labels: list[str | int] | None = Field(
         None,
@@ -466,6 +508,21 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
             "model.trust_remote_code=true runs code from the checkpoint: pin it with "
             "model.revision=<commit sha>"
         )
+    if cfg.task == "question_answering":
+        window = min(cfg.train.max_seq_len, d.max_tokens or cfg.train.max_seq_len)
+        stride = d.doc_stride or window // 3
+        if d.max_question_tokens + stride + 4 > window:
+            problems.append(
+                f"question_answering: a window of {window} tokens (train.max_seq_len / "
+                f"data.max_tokens) has no room for a {d.max_question_tokens}-token question "
+                f"(data.max_question_tokens) plus {stride} overlapping context tokens "
+                "(data.doc_stride); raise train.max_seq_len or lower the other two"
+            )
+        if d.split and d.eval is None and not d.split_by:
+            problems.append(
+                "question_answering with data.split: set data.split_by (e.g. title) so "
+                "questions on one passage do not land in both train and eval"
+            )
     if cfg.data.text_pair_column and cfg.data.text_pair_column == cfg.data.text_column:
         problems.append("data.text_pair_column must differ from data.text_column")
     return problems

@@ -161,7 +161,7 @@ def evaluate(
             n = int(real.sum())
             loss_sum += float(outputs.loss) * n
             loss_rows += n
-            preds.extend(task.predict(outputs, inputs))
+            preds.extend(task.predict(outputs, inputs, cfg))
             refs.extend(task.references(batch))
             where.extend(zip(sources.tolist(), lines.tolist(), strict=True))
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -463,6 +463,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             for entry in history:
                 handle.write(json.dumps(entry) + "\n")
         with open(os.path.join(export_dir, PREDICTIONS_FILE), "w") as handle:
+            if task.per_example is not None:  # windows of one question -> its answer
+                predictions = task.per_example(predictions)
             for row in sorted(predictions, key=lambda r: (r["source"], r["line"])):
                 handle.write(json.dumps(task.describe(row, plan.labels)) + "\n")
         with open(os.path.join(export_dir, "plan.json"), "w") as handle:

@@ -18,25 +18,10 @@ from rayft import checkpoint as ckpt
 from rayft.config import RayftConfig, dump_config, resolve_paths
 from rayft.console import say
 from rayft.data import fs
+from rayft.data.features import tokenize_block
 from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
 from rayft.loop import HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
-
-
-@functools.lru_cache(maxsize=8)
-def _config(cfg_json: str) -> RayftConfig:
-    return RayftConfig.model_validate_json(cfg_json)
-
-
-def tokenize_block(batch: dict[str, np.ndarray], *, cfg_json: str, label2id: dict[str, int]):
-    """Ray Data UDF: rows of the prepared split -> model features (ragged, unpadded)."""
-    from rayft.modeling import load_tokenizer
-
-    cfg = _config(cfg_json)
-    out = get_task(cfg.task).tokenize(batch, load_tokenizer(cfg), cfg, label2id)
-    for name in ("_pad", "_source", "_line"):  # provenance rides along, unused by the model
-        out[name] = batch[name]
-    return out
 
 
 def _mark_pad(batch: pa.Table, *, value: bool) -> pa.Table:
@@ -65,12 +50,16 @@ def build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str
 def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
     import ray.data
 
-    columns = [*get_task(cfg.task).fields, "_source", "_line"]
+    task = get_task(cfg.task)
+    columns = [*task.fields, "_source", "_line"]
     cfg_json = cfg.model_dump_json()
     datasets = {}
     for split in [s for s in ("train", "eval", "test") if s in prepared.splits]:
-        path = prepared.splits[split]
-        rows = ray.data.read_parquet(path, columns=columns)
+        # Windowed tasks were tokenized when the data was prepared (features, counted).
+        path = prepared.features.get(split) if task.windowed else prepared.splits[split]
+        if path is None:
+            continue  # no rows in this split: the plan has none either
+        rows = ray.data.read_parquet(path, columns=None if task.windowed else columns)
         ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="pyarrow")
         pad = plan.pad_rows.get(split, 0)
         if pad:
@@ -78,10 +67,11 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
                 functools.partial(_mark_pad, value=True), batch_format="pyarrow"
             )
             ds = ds.union(extra)
-        ds = ds.map_batches(
-            functools.partial(tokenize_block, cfg_json=cfg_json, label2id=prepared.label2id),
-            batch_format="numpy",
-        )
+        if not task.windowed:
+            ds = ds.map_batches(
+                functools.partial(tokenize_block, cfg_json=cfg_json, label2id=prepared.label2id),
+                batch_format="numpy",
+            )
         if _materialize(cfg, path):
             ds = ds.materialize()
         datasets[split] = ds
@@ -183,7 +173,7 @@ def fit(cfg: RayftConfig) -> dict[str, Any]:
         handle.write(dump_config(cfg))
     init_ray(cfg)
     prepared = prepare(cfg, files)
-    plan = Plan.derive(cfg, prepared.labels, prepared.rows, cfg.scaling.num_workers)
+    plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
     _print_plan(cfg, prepared, plan)
     result = build_trainer(cfg, plan, build_datasets(cfg, prepared, plan)).fit()
     if result.error is not None:
@@ -195,9 +185,15 @@ def _print_plan(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> None:
     t, world = cfg.train, cfg.scaling.num_workers
     pad = plan.pad_rows.get("train", 0)
     padding = f" (+{pad} repeated to split evenly)" if pad else ""
+    rows = f"{prepared.rows['train']:,} train rows{padding}, {prepared.rows['eval']:,} eval rows"
+    if prepared.features:
+        units = prepared.units
+        rows = (
+            f"{prepared.rows['train']:,} train rows in {units['train']:,} windows{padding}, "
+            f"{prepared.rows['eval']:,} eval rows in {units['eval']:,} windows"
+        )
     say(
-        f"{prepared.rows['train']:,} train rows{padding}, {prepared.rows['eval']:,} "
-        f"eval rows, {len(plan.labels)} labels; {world} worker(s) x micro-batch "
+        f"{rows}, {len(plan.labels)} labels; {world} worker(s) x micro-batch "
         f"{t.batch_size} x grad_accum {t.grad_accum} = {world * t.batch_size * t.grad_accum} "
         f"rows per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps in all"
     )
@@ -222,11 +218,13 @@ def write_outputs(
         **final,
         "wall_seconds": time.time() - started,
         "train_rows": prepared.rows["train"],
+        **({"train_windows": prepared.units["train"]} if prepared.features else {}),
         "checkpoint_path": result.checkpoint.path,
     }
-    if prepared.labels:
+    task = get_task(cfg.task)
+    if prepared.labels and task.baseline is not None:
         metrics["baselines"] = {
-            "majority": get_task(cfg.task).baseline(
+            "majority": task.baseline(
                 prepared.label_counts["train"], prepared.label_counts["eval"], prepared.labels
             )
         }

@@ -169,7 +169,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
     prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
-    plan = Plan.derive(cfg, prepared.labels, prepared.rows, cfg.scaling.num_workers)
+    plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
     run_name, resume = cfg.run_name, None
     restored = tune.get_checkpoint()
     if restored is not None:  # PBT exploit or a resumed search: continue from that state

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from rayft.config import load_config, validate_config
@@ -147,22 +146,3 @@ def test_frozen_zero3_trains_only_the_head(tmp_path, ray_session, tiny_model, to
     assert body, "the exported model has a body"
     for name, value in body.items():
         assert torch.equal(value, pretrained[name.removeprefix("bert.")]), name
-
-
-def test_two_stage_zero2_with_cpu_offload(tmp_path, ray_session, tiny_model, toy_data):
-    config = base_config(
-        tiny_model,
-        toy_data,
-        tmp_path / "two",
-        method="two_stage",
-        deepspeed={"stage": 2, "offload_optimizer": True},
-        two_stage={"head_epochs": 1, "head_lr": 5e-2},
-        train={"lr": 2e-3, "epochs": 3},
-    )
-    metrics, out = run(config)
-    assert_learned(metrics, out)
-    phases = [h["phase"] for h in history(out)]
-    assert phases[0] == "head" and phases[-1] == "full"
-    assert metrics["epoch"] == 4.0  # 1 head-only epoch + 3 of everything
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["deepspeed"]["offload_optimizer"] is True

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,11 +38,12 @@ from rayft.config import DataConfig, RayftConfig
 from rayft.console import say
 from rayft.data import dedup, fs
 from rayft.data.clean import clean_text, dedup_text, split_of, stable_hash
+from rayft.data.features import write_windows
 from rayft.data.read import BLANK, DataError, expand_sources, peek_columns, read_records
 from rayft.tasks import Task, get_task
 from rayft.tasks.common import canonical_label, max_tokens, sort_labels
 
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 SPLITS = ("train", "eval", "test")
 REJECTED, FILTERED, DEDUPLICATED = "rejected", "filtered", "deduplicated"
 META_FILE = "prepared.json"
@@ -60,7 +61,17 @@ class Prepared:
     labels: list[str]  # id order; empty for tasks without class labels
     label_counts: dict[str, dict[str, int]]
     report: dict[str, Any]
+    # windowed tasks: split -> directory of its tokenized features, and their counts
+    features: dict[str, str] = field(default_factory=dict)
+    feature_rows: dict[str, int] = field(default_factory=dict)
     reused: bool = False
+
+    @property
+    def units(self) -> dict[str, int]:
+        """What the workers iterate over, per split: rows, or a windowed task's features."""
+        if not self.features:
+            return self.rows
+        return {split: self.feature_rows.get(split, 0) for split in self.rows}
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -103,15 +114,15 @@ def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
             if columns is None:
                 continue  # nothing parsable in the first lines: the quarantine will say why
             renamed = [cfg.data.columns.get(c, c) for c in columns]
-            for field, column in needed.items():
+            for key, column in needed.items():
                 if column not in renamed:
                     hint = ""
                     if cfg.data.columns:
                         hint = f" after data.columns renames {cfg.data.columns}"
                     raise DataError(
-                        f"{field} '{column}' not found in {os.path.basename(path)} "
+                        f"{key} '{column}' not found in {os.path.basename(path)} "
                         f"(columns: {', '.join(columns)}){hint}; full path: {path}. "
-                        f"Set {field} to one of the columns, or rename with data.columns"
+                        f"Set {key} to one of the columns, or rename with data.columns"
                     )
     return files
 
@@ -247,8 +258,15 @@ def _annotate_record(
     if fields is None:
         row.part = REJECTED
         return row
+    group = None
+    if carve and data.split_by:
+        group = record.get(data.split_by)
+        if group is None:
+            row.reject(f"missing_{data.split_by}")  # the column `data.split_by` names
+            return row
+    rewritable = task.rewritable_fields or task.text_fields
     steps: set[str] = set()
-    for name in task.text_fields:
+    for name in rewritable:
         if fields.get(name) is not None:
             fields[name], changed = clean_text(fields[name], data.clean)
             steps.update(changed)
@@ -258,7 +276,8 @@ def _annotate_record(
         row.reject("empty_after_cleaning")
         return row
     if carve:
-        row.split = row.part = split_of(dedup_text(_joined_text(task, fields)), carve)
+        key = str(group) if group is not None else dedup_text(_joined_text(task, fields))
+        row.split = row.part = split_of(key, carve)
     row.chars = sum(len(fields[f]) for f in task.text_fields if fields.get(f) is not None)
     if row.chars < data.min_chars:
         row.reject("too_short_chars", FILTERED)
@@ -266,7 +285,7 @@ def _annotate_record(
         if data.overlong == "drop":
             row.reject("too_long_chars", FILTERED)
         else:
-            for name in task.text_fields:
+            for name in rewritable:
                 if fields.get(name) is not None:
                     fields[name] = fields[name][: data.max_chars]
             row.truncated = "chars"
@@ -289,6 +308,16 @@ def _token_filters(rows: list[_Row], task: Task, cfg: RayftConfig) -> None:
     with _quiet_tokenizer(tokenizer):
         ids = tokenizer(texts, pairs, truncation=False)["input_ids"]
     data, limit = cfg.data, max_tokens(cfg)
+    if task.windowed:  # long rows become several windows: only the question is limited
+        with _quiet_tokenizer(tokenizer):
+            firsts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for row, row_ids, first_ids in zip(live, ids, firsts, strict=True):
+            row.tokens = len(row_ids)
+            if row.tokens < data.min_tokens:
+                row.reject("too_short_tokens", FILTERED)
+            elif len(first_ids) > data.max_question_tokens:
+                row.reject("question_too_long", FILTERED)
+        return
     for row, row_ids in zip(live, ids, strict=True):
         row.tokens = len(row_ids)
         if row.tokens < data.min_tokens:
@@ -433,6 +462,8 @@ def cache_key(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
         "materialize",
         "materialize_max_mb",
         "cache_dir",
+        "n_best",  # read at prediction time only
+        "max_answer_tokens",
     }
     m = cfg.model
     payload = {
@@ -475,6 +506,12 @@ def prepare(
         counts = _collect_counts(rows_dir, task.label_field)
         prepared = _summarize(cfg, files, root, rows_dir, counts, time.time() - started)
         prepared.report["bad_examples"] = _write_quarantine(cfg, rows_dir, prepared)
+        if task.windowed:
+            with ordered_execution():
+                prepared.features, prepared.feature_rows = write_windows(
+                    cfg, prepared.splits, prepared.rows, root
+                )
+            prepared.report["windows"] = prepared.feature_rows
         fs.write_json(fs.join(root, META_FILE), _meta(prepared))
     if outputs:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -800,12 +837,12 @@ def _holds_label(value: Any, label: str) -> bool:
     return label in list(value)
 
 
-def _first_row_with_label(split_dir: str, field: str, label: str) -> str:
+def _first_row_with_label(split_dir: str, column: str, label: str) -> str:
     import ray.data
 
     rows = (
-        ray.data.read_parquet(split_dir, columns=["_source", "_line", field])
-        .filter(lambda row: _holds_label(row[field], label))
+        ray.data.read_parquet(split_dir, columns=["_source", "_line", column])
+        .filter(lambda row: _holds_label(row[column], label))
         .take(1)
     )
     if not rows:

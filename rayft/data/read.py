@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll")
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "arrow", "conll", "squad")
 HUB = "hf://"
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -189,6 +189,9 @@ def _decode(line: bytes) -> tuple[str, str | None]:
 
 
 def _read_jsonl(stream: IO[bytes]) -> Iterator[RawRecord]:
+    """One JSON object per line. A line holding a whole SQuAD document (the official
+    files are one line) becomes that document's questions, as `_read_squad` reads it."""
+    questions = 0
     for number, line in iter_lines(stream):
         text, bad = _decode(line)
         if not text.strip():
@@ -201,10 +204,72 @@ def _read_jsonl(stream: IO[bytes]) -> Iterator[RawRecord]:
             except json.JSONDecodeError:
                 yield RawRecord(number, text, None, "invalid_json")
                 continue
-            if isinstance(record, dict):
+            if is_squad_document(record):
+                for question in squad_records(record, questions):
+                    questions += 1
+                    yield question
+            elif isinstance(record, dict):
                 yield RawRecord(number, text, record, None)
             else:
                 yield RawRecord(number, text, None, "json_not_an_object")
+
+
+def is_squad_document(record: Any) -> bool:
+    """A SQuAD-format document: `{"data": [{"title", "paragraphs": [...]}, ...]}`."""
+    if not isinstance(record, dict) or not isinstance(record.get("data"), list):
+        return False
+    return bool(record["data"]) and all(
+        isinstance(a, dict) and isinstance(a.get("paragraphs"), list) for a in record["data"]
+    )
+
+
+def squad_records(document: dict[str, Any], before: int = 0) -> Iterator[RawRecord]:
+    """One record per question: `{id, title, question, context, answers}` with answers
+    as SQuAD writes them. The position (`_line`) is the question's ordinal in the file,
+    1-based, since the document has no line per question."""
+    number = before
+    for article in document["data"]:
+        title = article.get("title")
+        for paragraph in article["paragraphs"]:
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list):
+                number += 1
+                raw = json.dumps(paragraph, ensure_ascii=False)[:2000]
+                yield RawRecord(number, raw, None, "squad_paragraph_without_qas")
+                continue
+            for qa in qas:
+                number += 1
+                if not isinstance(qa, dict):
+                    yield RawRecord(number, json.dumps(qa)[:2000], None, "json_not_an_object")
+                    continue
+                record = {
+                    "id": qa.get("id"),
+                    "title": title,
+                    "question": qa.get("question"),
+                    "context": context,
+                    "answers": qa.get("answers"),
+                }
+                raw = json.dumps({"title": title, **qa}, ensure_ascii=False)
+                yield RawRecord(number, raw, record, None)
+
+
+def _read_squad(stream: IO[bytes]) -> Iterator[RawRecord]:
+    """A SQuAD JSON file, also pretty-printed: parsed whole (SQuAD files are tens of MB
+    at most, and JSON has no record boundaries to stream by)."""
+    text, bad = _decode(stream.read().removeprefix(b"\xef\xbb\xbf"))
+    if bad:
+        yield RawRecord(1, text[:2000], None, bad)
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield RawRecord(exc.lineno, text[:2000], None, "invalid_json")
+        return
+    if not is_squad_document(document):
+        yield RawRecord(1, text[:2000], None, "not_a_squad_document")
+        return
+    yield from squad_records(document)
 
 
 def _read_text(stream: IO[bytes]) -> Iterator[RawRecord]:
@@ -334,6 +399,7 @@ READERS: dict[str, Callable[[IO[bytes]], Iterator[RawRecord]]] = {
     "tsv": lambda s: _read_delimited(s, "\t"),
     "parquet": _read_parquet,
     "arrow": _read_arrow,
+    "squad": _read_squad,
 }
 
 

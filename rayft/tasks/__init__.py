@@ -32,8 +32,8 @@ class Task:
     # transformers Auto* class (imported lazily) and its from_pretrained/config kwargs
     auto_class: Callable[[], Any]
     model_kwargs: Callable[[list[str]], dict[str, Any]]
-    # (model outputs, batch) -> per-row predictions (plain Python values)
-    predict: Callable[[Any, dict[str, Any]], list[Any]]
+    # (model outputs, collated batch, config) -> per-row predictions (plain Python values)
+    predict: Callable[[Any, dict[str, Any], RayftConfig], list[Any]]
     # batch (numpy) -> per-row references that `compute_metrics` compares predictions to
     references: Callable[[dict[str, Any]], list[Any]]
     # (predictions, references, labels) -> metrics
@@ -45,15 +45,25 @@ class Task:
     # data config -> {config field: column} every input file must have
     columns: Callable[[DataConfig], dict[str, str]]
     # (train label counts, eval label counts, labels) -> the trivial predictor's metrics
-    baseline: Callable[[dict[str, int], dict[str, int], list[str]], dict[str, Any]]
+    baseline: Callable[[dict[str, int], dict[str, int], list[str]], dict[str, Any]] | None
     # the eval metrics `compute_metrics` reports (eval_loss comes with every task)
     metric_names: tuple[str, ...] = ()
+    # Text fields that cleaning and `data.max_chars` may rewrite (default: all of
+    # `text_fields`); others are kept verbatim (QA answers point into the context by offset).
+    rewritable_fields: tuple[str, ...] | None = None
+    # `tokenize` turns a row into any number of features (QA windows over a long context),
+    # each naming its row in `_row`: features are then tokenized once, when the data is
+    # prepared, and counted, since every worker must know how many it will get.
+    windowed: bool = False
+    # rank 0's per-feature prediction rows -> one row per example, for the predictions file
+    per_example: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
 
 def get_task(name: str) -> Task:
-    from rayft.tasks import classification, token_classification
+    from rayft.tasks import classification, question_answering, token_classification
 
-    registry = {t.name: t for t in (classification.TASK, token_classification.TASK)}
+    tasks = (classification.TASK, token_classification.TASK, question_answering.TASK)
+    registry = {t.name: t for t in tasks}
     try:
         return registry[name]
     except KeyError:

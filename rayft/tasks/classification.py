@@ -81,7 +81,7 @@ def references(batch: dict[str, Any]) -> list[int]:
     return [int(x) for x in batch["labels"]]
 
 
-def predict(outputs: Any, batch: dict[str, Any]) -> list[Any]:
+def predict(outputs: Any, batch: dict[str, Any], cfg: RayftConfig) -> list[Any]:
     probs = torch.softmax(outputs.logits.float(), dim=-1)
     score, label = probs.max(dim=-1)
     return [(int(i), float(s)) for i, s in zip(label.tolist(), score.tolist(), strict=True)]

@@ -104,7 +104,7 @@ def auto_class() -> Any:
     return AutoModelForTokenClassification
 
 
-def predict(outputs: Any, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:
+def predict(outputs: Any, inputs: dict[str, Any], cfg: RayftConfig) -> list[list[tuple[int, int]]]:
     """Per row: (word index, predicted tag id) for every word the model saw."""
     best = outputs.logits.argmax(dim=-1).cpu()
     word_pos = inputs["_word_pos"].cpu()
