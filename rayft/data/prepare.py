@@ -198,7 +198,7 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
     texts = [
         _joined_text(task, r.fields) if r.part not in (REJECTED, "blank") else None for r in rows
     ]
-    near = data.dedup.near
+    near = data.dedup.near and task.near_dedup
     sig_index = [
         i for i, r in enumerate(rows) if near and r.part not in (REJECTED, FILTERED, "blank")
     ]
@@ -553,6 +553,8 @@ def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
     from ray.data.expressions import col
 
     d = cfg.data.dedup
+    if not get_task(cfg.task).near_dedup:
+        d = d.model_copy(update={"near": False})
     splits = output_splits(cfg)
     if not (d.exact or d.near or len(splits) > 1):
         return False
@@ -563,7 +565,8 @@ def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
     kept = ray.data.read_parquet(stage_dir, columns=columns).filter(
         expr=col("part") == col("_split")
     )
-    say(f"data: looking for exact and near duplicates among up to {kept_rows:,} rows")
+    kinds = "exact and near duplicates" if d.near else "exact duplicates"
+    say(f"data: looking for {kinds} among up to {kept_rows:,} rows")
     dedup.find_duplicates(kept, d, kept_rows).write_parquet(marks_dir)
     return True
 

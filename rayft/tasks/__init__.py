@@ -55,6 +55,9 @@ class Task:
     # each naming its row in `_row`: features are then tokenized once, when the data is
     # prepared, and counted, since every worker must know how many it will get.
     windowed: bool = False
+    # Near-duplicate search over the joined text fields makes sense for the task (not for
+    # QA: questions on one passage share nearly all their text, yet are distinct examples).
+    near_dedup: bool = True
     # rank 0's per-feature prediction rows -> one row per example, for the predictions file
     per_example: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 

@@ -369,5 +369,6 @@ TASK = Task(
     metric_names=("exact_match", "f1"),
     rewritable_fields=("question",),
     windowed=True,
+    near_dedup=False,
     per_example=per_example,
 )
