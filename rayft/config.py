@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-TASKS = ("sequence_classification", "token_classification", "question_answering")
+TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
 METHODS = ("full", "lora", "frozen", "two_stage")
 
 # A fresh head trained alone tolerates (and needs) a far larger step than a pretrained
@@ -105,7 +105,8 @@ class DedupConfig(_Section):
     remove_contaminated: bool = Field(
         True,
         description="Remove training rows that duplicate (exactly or nearly) an eval/test "
-        "row. Counted in the report either way.",
+        "row. Counted in the report either way, unless `exact`, `near` and this are all "
+        "off (then no duplicate search runs at all).",
     )
 
 
@@ -198,6 +199,44 @@ class DataConfig(_Section):
         description="question_answering: start and end candidates per window searched for "
         "the best valid span.",
     )
+    prompt_column: str = Field(
+        "prompt", description="causal_lm: column with a prompt (answered by `response_column`)."
+    )
+    response_column: str = Field("response", description="causal_lm: the prompt's response.")
+    instruction_column: str = Field(
+        "instruction",
+        description="causal_lm: Alpaca-style rows: instruction, optional `input_column`, "
+        "and `output_column` (the response).",
+    )
+    input_column: str = Field("input", description="causal_lm: optional input of an instruction.")
+    output_column: str = Field("output", description="causal_lm: an instruction's response.")
+    messages_column: str = Field(
+        "messages",
+        description="causal_lm: chat rows: a list of `{role, content}` (system / user / "
+        "assistant); every assistant turn is trained on.",
+    )
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="causal_lm: render rows as a conversation with the tokenizer's chat "
+        "template (`auto`: when the tokenizer has one; `always`: fail if it has none), or "
+        "with `data.prompt_template` (`never`).",
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="causal_lm without a chat template: how a prompt is written, with "
+        "`{prompt}`, or `{instruction}` and `{input}` (default: `{prompt}` as is; an "
+        "Alpaca-style `### Instruction:` / `### Input:` / `### Response:` layout for "
+        "instruction rows). Chat rows without a template become `<|role|>` blocks.",
+    )
+    packing: bool = Field(
+        False,
+        description="causal_lm: pack several examples into each `train.max_seq_len` "
+        "sequence; attention stays within each example (positions restart, no attention "
+        "mask), which the run checks the model honours before training.",
+    )
+    add_eos: bool = Field(
+        True, description="causal_lm: end every response with the tokenizer's EOS token."
+    )
     labels: list[str | int] | None = Field(
         None,
         description="The allowed labels, in id order. When unset, the labels found in "
@@ -251,6 +290,16 @@ class DataConfig(_Section):
     materialize_max_mb: float = Field(
         256, gt=0, description="Size limit of a prepared split for `materialize: auto`."
     )
+
+
+class GenerateSection(_Section):
+    samples: int = Field(
+        4,
+        ge=0,
+        description="causal_lm: eval prompts answered by the trained model at the end "
+        "(greedy), saved to `generations.jsonl` in output_dir.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer, in tokens.")
 
 
 class ScalingSection(_Section):
@@ -457,6 +506,7 @@ class RayftConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     two_stage: TwoStageSection = Field(default_factory=TwoStageSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
     tune: TuneSection | None = Field(
         None, description="Hyperparameter search (`rayft tune`); ignored by `rayft train`."
     )
@@ -511,6 +561,11 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
         problems.append(
             "model.trust_remote_code=true runs code from the checkpoint: pin it with "
             "model.revision=<commit sha>"
+        )
+    if cfg.task == "causal_lm" and cfg.method in ("frozen", "two_stage"):
+        problems.append(
+            f"method={cfg.method} trains a new head first, and causal_lm has none (its "
+            "output layer is pretrained): use method=full or method=lora"
         )
     if cfg.task == "question_answering":
         window = min(cfg.train.max_seq_len, d.max_tokens or cfg.train.max_seq_len)

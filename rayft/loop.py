@@ -33,6 +33,7 @@ from rayft.tasks import Task, get_task
 
 HISTORY_FILE = "history.jsonl"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
+GENERATIONS_FILE = "generations.jsonl"
 
 
 @dataclass
@@ -324,6 +325,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             before = sum(p.epochs for p in phases[:phase_index]) * plan.steps_per_epoch
             phase_steps = max(1, min(phase_steps, t.max_steps - before))
         engine = initialize(model, cfg, phase.lr, phase_steps, world)
+        if task.check_model is not None:
+            task.check_model(engine, cfg)
         start_epoch, skip_micro = 0, 0
         if resume_dir is not None and phase_index == state["phase"]:
             ckpt.restore_training_state(engine, resume_dir)
@@ -440,6 +443,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             {"test_loss" if k == "eval_loss" else "test_rows" if k == "eval_rows" else
              f"test_{k}": v for k, v in scores.items()}
         )  # fmt: skip
+    generations = []
+    if task.generate is not None and config.get("prompts"):
+        generations = task.generate(engine, config["prompts"], load_tokenizer(cfg), cfg)
     full_state = ckpt.full_state_dict(engine, rank)
     export_dir = None
     metrics = {
@@ -467,6 +473,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 predictions = task.per_example(predictions)
             for row in sorted(predictions, key=lambda r: (r["source"], r["line"])):
                 handle.write(json.dumps(task.describe(row, plan.labels)) + "\n")
+        if generations:
+            with open(os.path.join(export_dir, GENERATIONS_FILE), "w") as handle:
+                for entry in generations:
+                    handle.write(json.dumps(entry) + "\n")
         with open(os.path.join(export_dir, "plan.json"), "w") as handle:
             json.dump(asdict(plan), handle, indent=2)
     del full_state

@@ -20,7 +20,7 @@ from rayft.console import say
 from rayft.data import fs
 from rayft.data.features import tokenize_block
 from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
-from rayft.loop import HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
+from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
 
 
@@ -95,6 +95,7 @@ def build_trainer(
     run_name: str | None = None,
     callbacks: list[Any] | None = None,
     resume_from: str | None = None,
+    prompts: list[dict[str, Any]] | None = None,
 ) -> Any:
     """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -113,6 +114,7 @@ def build_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "plan": asdict(plan),
             "resume_from": resume_from,
+            "prompts": prompts,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -175,10 +177,28 @@ def fit(cfg: RayftConfig) -> dict[str, Any]:
     prepared = prepare(cfg, files)
     plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
     _print_plan(cfg, prepared, plan)
-    result = build_trainer(cfg, plan, build_datasets(cfg, prepared, plan)).fit()
+    datasets = build_datasets(cfg, prepared, plan)
+    result = build_trainer(cfg, plan, datasets, prompts=sample_prompts(cfg, prepared)).fit()
     if result.error is not None:
         raise result.error
     return write_outputs(cfg, prepared, result, started)
+
+
+def sample_prompts(cfg: RayftConfig, prepared: Prepared) -> list[dict[str, Any]] | None:
+    """Generative tasks: the first `generate.samples` eval rows as prompts for the trained
+    model (read here, a few rows, so every worker asks the same questions)."""
+    import ray.data
+
+    task = get_task(cfg.task)
+    if task.sample_prompts is None or not cfg.generate.samples or not prepared.rows.get("eval"):
+        return None
+    from rayft.modeling import load_tokenizer
+
+    columns = [*task.fields, "_source", "_line"]
+    rows = ray.data.read_parquet(prepared.splits["eval"], columns=columns).take(
+        cfg.generate.samples
+    )
+    return task.sample_prompts(rows, load_tokenizer(cfg), cfg)
 
 
 def _print_plan(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> None:
@@ -210,8 +230,9 @@ def write_outputs(
             if os.path.isdir(source):
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
                 shutil.copytree(source, os.path.join(out, name))
-        for name in (HISTORY_FILE, PREDICTIONS_FILE):
-            shutil.copy(os.path.join(directory, name), os.path.join(out, name))
+        for name in (HISTORY_FILE, PREDICTIONS_FILE, GENERATIONS_FILE):
+            if os.path.exists(os.path.join(directory, name)):
+                shutil.copy(os.path.join(directory, name), os.path.join(out, name))
     final = dict(result.metrics)
     final.pop("done", None)
     metrics: dict[str, Any] = {

@@ -163,7 +163,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
 
     from rayft.data.prepare import prepare
     from rayft.loop import Plan
-    from rayft.trainer import build_datasets, build_trainer, write_outputs
+    from rayft.trainer import build_datasets, build_trainer, sample_prompts, write_outputs
 
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
@@ -191,6 +191,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
         run_name=run_name,
         callbacks=[_relay_callback(queue)],
         resume_from=resume,
+        prompts=sample_prompts(cfg, prepared),
     )
     outcome: dict[str, Any] = {}
 

@@ -75,6 +75,11 @@ def test_search_space_problems_are_all_reported_before_anything_runs(tmp_path):
         check_search_space(validate_config(raw))
     raw["task"] = "token_classification"
     check_search_space(validate_config(raw))  # NER does report it
+    for task, metric, mode in (("question_answering", "exact_match", "max"),
+                               ("causal_lm", "perplexity", "min")):  # fmt: skip
+        raw["task"], raw["tune"]["metric"] = task, metric
+        assert validate_config(raw).tune.resolved_mode == mode
+        check_search_space(validate_config(raw))
     del raw["task"]
     raw["tune"] = {"search_space": {"train.lr": {"uniform": [1e-5, 1e-3]}}, "search_alg": "grid"}
     with pytest.raises(ConfigError, match="search_alg grid needs grid or choice values"):

@@ -264,7 +264,7 @@ def _annotate_record(
         if group is None:
             row.reject(f"missing_{data.split_by}")  # the column `data.split_by` names
             return row
-    rewritable = task.rewritable_fields or task.text_fields
+    rewritable = task.text_fields if task.rewritable_fields is None else task.rewritable_fields
     steps: set[str] = set()
     for name in rewritable:
         if fields.get(name) is not None:
@@ -556,6 +556,8 @@ def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
     if not get_task(cfg.task).near_dedup:
         d = d.model_copy(update={"near": False})
     splits = output_splits(cfg)
+    if not (d.exact or d.near or d.remove_contaminated):
+        return False  # all of it switched off: not even cross-split copies are counted
     if not (d.exact or d.near or len(splits) > 1):
         return False
     columns = ["part", "_uid", "_split", "_source", "_line", "_key", "_sig"]

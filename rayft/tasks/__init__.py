@@ -58,14 +58,26 @@ class Task:
     # Near-duplicate search over the joined text fields makes sense for the task (not for
     # QA: questions on one passage share nearly all their text, yet are distinct examples).
     near_dedup: bool = True
+    # (engine, config) -> None or an error: checks the model can do what the config asks
+    # (run on every rank before training, after the engine is built)
+    check_model: Callable[[Any, RayftConfig], None] | None = None
+    # generative tasks: (first eval rows, tokenizer, config) -> prompts, and
+    # (engine, prompts, tokenizer, config) -> prompts with the model's answers
+    sample_prompts: Callable[[list[dict[str, Any]], Any, RayftConfig], list[dict]] | None = None
+    generate: Callable[[Any, list[dict], Any, RayftConfig], list[dict]] | None = None
     # rank 0's per-feature prediction rows -> one row per example, for the predictions file
     per_example: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
 
 def get_task(name: str) -> Task:
-    from rayft.tasks import classification, question_answering, token_classification
+    from rayft.tasks import causal_lm, classification, question_answering, token_classification
 
-    tasks = (classification.TASK, token_classification.TASK, question_answering.TASK)
+    tasks = (
+        classification.TASK,
+        token_classification.TASK,
+        question_answering.TASK,
+        causal_lm.TASK,
+    )
     registry = {t.name: t for t in tasks}
     try:
         return registry[name]
