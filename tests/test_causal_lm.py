@@ -200,7 +200,7 @@ def color_rows(n: int, seed: int) -> list[dict]:
         filler = " ".join(rng.choice("abcdexyz") for _ in range(rng.randint(0, 3)))
         rows.append(
             {
-                "prompt": f"{filler} question : what color is the {thing} answer :",
+                "prompt": f"{filler} what color is the {thing}",
                 "response": COLORS[thing],
             }
         )
@@ -228,7 +228,7 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
             "output_dir": str(tmp_path / "out"),
             "scaling": {"num_workers": 2},
             "deepspeed": {"stage": 3},
-            "train": {"epochs": 6, "batch_size": 2, "lr": 2e-2, "max_seq_len": 64, "log_every_steps": 20},
+            "train": {"epochs": 4, "batch_size": 2, "lr": 2e-2, "max_seq_len": 64, "log_every_steps": 20},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                      # The base is random: its output layer trains in full (peft's
@@ -245,7 +245,8 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     # Packed: several rows per sequence, fewer sequences than rows.
     assert metrics["train_windows"] < metrics["train_rows"] == 400
     generations = [json.loads(line) for line in (out / "generations.jsonl").open()]
-    assert len(generations) == 3 and all(g["prompt"].endswith("answer :") for g in generations)
+    assert len(generations) == 3
+    assert all(g["prompt"].split()[-1] in COLORS for g in generations)  # ends with the thing
     assert sum(g["generation"].split()[:1] == [g["reference"]] for g in generations) >= 2, (
         generations
     )
