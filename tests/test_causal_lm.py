@@ -214,10 +214,11 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     from rayft.trainer import fit
 
     model = tiny_decoder(tmp_path / "llama", WORDS, "llama")
-    for split, n, seed in (("train", 400, 0), ("eval", 40, 1)):
-        (tmp_path / f"{split}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in color_rows(n, seed))
-        )
+    # Two train rows are longer than the window: truncated (prompt start first), counted.
+    long = [{"prompt": " ".join(["x"] * 70) + f" what color is the {k}", "response": COLORS[k]}
+            for k in ("sky", "sea")]  # fmt: skip
+    for split, rows in (("train", color_rows(400, 0) + long), ("eval", color_rows(40, 1))):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = validate_config(
         {
             "task": "causal_lm",
@@ -243,7 +244,9 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     assert history[-1]["perplexity"] < 0.7 * history[0]["perplexity"], history
     assert metrics["eval_tokens"] == 80, metrics  # the color and </s> of each of 40 rows
     # Packed: several rows per sequence, fewer sequences than rows.
-    assert metrics["train_windows"] < metrics["train_rows"] == 400
+    assert metrics["train_windows"] < metrics["train_rows"] == 402
+    report = json.loads((out / "data_report.json").read_text())["splits"]["train"]
+    assert report["filtered"] == {} and report["truncated"] == {"tokens": 2}
     generations = [json.loads(line) for line in (out / "generations.jsonl").open()]
     assert len(generations) == 3
     assert all(g["prompt"].split()[-1] in COLORS for g in generations)  # ends with the thing

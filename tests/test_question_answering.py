@@ -185,6 +185,32 @@ def qa_rows(n: int, seed: int, length: tuple[int, int] = (10, 40)) -> list[dict]
     return rows
 
 
+def write_squad(path: Path, rows: list[dict]) -> str:
+    """Rows as one SQuAD document: an article per row, holding its paragraph and question."""
+    squad = {"version": "1.1", "data": []}
+    for i, row in enumerate(rows):
+        qas = [{"id": str(i), "question": row["question"], "answers": row["answers"]}]
+        paragraphs = [{"context": row["context"], "qas": qas}]
+        squad["data"].append({"title": row["title"], "paragraphs": paragraphs})
+    path.write_text(json.dumps(squad))
+    return str(path)
+
+
+def toy_qa_config(model: str, data: str, out: Path, **sections) -> dict:
+    config = {
+        "task": "question_answering",
+        "model": {"name_or_path": model},
+        "data": {"train": data, "split": {"train": 0.8, "eval": 0.2}, "split_by": "title",
+                 "doc_stride": 8, "max_question_tokens": 8, **DATA},
+        "output_dir": str(out),
+        "scaling": {"num_workers": 2},
+        "deepspeed": {"stage": 2},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_seq_len": 32,
+                  "log_every_steps": 20},
+    }  # fmt: skip
+    return {**config, **sections}
+
+
 @pytest.fixture(scope="module")
 def qa_model(tmp_path_factory) -> str:
     from tests.fixtures.models import tiny_bert
@@ -242,30 +268,17 @@ def test_toy_qa_learns_from_windows_two_stage_with_cpu_offload(tmp_path, ray_ses
     from rayft.trainer import fit
 
     rows = qa_rows(300, seed=0)
-    squad = {"version": "1.1", "data": []}
-    for row in rows:  # as a SQuAD document: articles -> paragraphs -> questions
-        qas = [
-            {"id": str(len(squad["data"])), "question": row["question"], "answers": row["answers"]}
-        ]
-        squad["data"].append(
-            {"title": row["title"], "paragraphs": [{"context": row["context"], "qas": qas}]}
-        )
-    (tmp_path / "toy-squad.json").write_text(json.dumps(squad))
+    write_squad(tmp_path / "toy-squad.json", rows)
     cfg = validate_config(
-        {
-            "task": "question_answering",
-            "model": {"name_or_path": qa_model},
-            "data": {"train": str(tmp_path / "toy-squad.json"), "split": {"train": 0.8, "eval": 0.2},
-                     "split_by": "title", "doc_stride": 8, "max_question_tokens": 8, **DATA},
-            "output_dir": str(tmp_path / "out"),
-            "scaling": {"num_workers": 2},
-            "method": "two_stage",
-            "deepspeed": {"stage": 2, "offload_optimizer": True},
-            "two_stage": {"head_epochs": 1, "head_lr": 5e-2},
-            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_seq_len": 32,
-                      "log_every_steps": 20},
-        }
-    )  # fmt: skip
+        toy_qa_config(
+            qa_model,
+            str(tmp_path / "toy-squad.json"),
+            tmp_path / "out",
+            method="two_stage",
+            deepspeed={"stage": 2, "offload_optimizer": True},
+            two_stage={"head_epochs": 1, "head_lr": 5e-2},
+        )
+    )
     metrics = fit(cfg)
     out = Path(cfg.output_dir)
     report = json.loads((out / "data_report.json").read_text())
@@ -292,3 +305,20 @@ def test_toy_qa_learns_from_windows_two_stage_with_cpu_offload(tmp_path, ray_ses
     from transformers import AutoModelForQuestionAnswering
 
     assert AutoModelForQuestionAnswering.from_pretrained(out / "model").config.model_type == "bert"
+
+
+@pytest.mark.slow
+def test_tune_searches_a_qa_task_by_f1(tmp_path, ray_session, qa_model):
+    """`rayft tune` on a task other than classification: two learning rates, the search
+    optimizes the task's own metric (f1), and the better one wins."""
+    from rayft.tune import search
+
+    data = write_squad(tmp_path / "toy-squad.json", qa_rows(300, seed=0))
+    config = toy_qa_config(qa_model, data, tmp_path / "tune", method="lora",
+                           lora={"r": 8, "alpha": 16})  # fmt: skip
+    config["tune"] = {"search_space": {"train.lr": {"grid": [1e-2, 1e-6]}}, "metric": "f1",
+                      "scheduler": "fifo", "max_concurrent_trials": 1}  # fmt: skip
+    summary = search(validate_config(config))
+    assert summary["completed"] == 2 and summary["mode"] == "max"
+    assert summary["best_config"] == {"train.lr": 1e-2}
+    assert summary["best_metrics"]["f1"] > 0.5, summary

@@ -308,7 +308,7 @@ def _token_filters(rows: list[_Row], task: Task, cfg: RayftConfig) -> None:
     with _quiet_tokenizer(tokenizer):
         ids = tokenizer(texts, pairs, truncation=False)["input_ids"]
     data, limit = cfg.data, max_tokens(cfg)
-    if task.windowed:  # long rows become several windows: only the question is limited
+    if task.windows_long_rows:  # long rows become several windows: only the question is limited
         with _quiet_tokenizer(tokenizer):
             firsts = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for row, row_ids, first_ids in zip(live, ids, firsts, strict=True):

@@ -55,6 +55,9 @@ class Task:
     # each naming its row in `_row`: features are then tokenized once, when the data is
     # prepared, and counted, since every worker must know how many it will get.
     windowed: bool = False
+    # A row longer than the window becomes several windows (QA contexts) instead of being
+    # truncated; then only its first text field is limited, by `data.max_question_tokens`.
+    windows_long_rows: bool = False
     # Near-duplicate search over the joined text fields makes sense for the task (not for
     # QA: questions on one passage share nearly all their text, yet are distinct examples).
     near_dedup: bool = True

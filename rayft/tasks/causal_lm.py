@@ -219,7 +219,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     positions = torch.zeros_like(input_ids)
     for i, p in enumerate(batch["position_ids"]):
         n = len(p)
-        positions[i, :n] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        positions[i, :n] = torch.from_numpy(np.array(p, dtype=np.int64))
         positions[i, n:] = torch.arange(input_ids.shape[1] - n)
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
 

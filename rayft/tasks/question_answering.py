@@ -369,6 +369,7 @@ TASK = Task(
     metric_names=("exact_match", "f1"),
     rewritable_fields=("question",),
     windowed=True,
+    windows_long_rows=True,
     near_dedup=False,
     per_example=per_example,
 )
