@@ -30,7 +30,7 @@ demo: venv
 	$(PY) -m rayft.tune --config configs/demo.yaml
 
 test: venv lint
-	$(PY) -m pytest -m "not real and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not real and not slow" --durations=15 $(PYTEST_ARGS)
 
 # Minutes each on 2 CPU cores: kept out of `make test` so that stays under 20 minutes.
 test-all: venv lint

@@ -142,6 +142,17 @@ def ordered_execution() -> Iterator[None]:
         options.preserve_order = before
 
 
+def fast_parquet_reads() -> None:
+    """Read Parquet with Ray Data's task-based reader. The default one in Ray 2.60
+    (datasource V2) starts actors for every read: 5-7 s per read of a 100-row file on this
+    project's 2-core machine, against 0.3 s for the task-based reader (measured side by
+    side). rayft reads its own shards many times (counting, windows, each split, the
+    quarantine), so it makes that choice for the process."""
+    import ray.data
+
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+
+
 # ------------------------------------------------------------- pass 1: annotate (Ray)
 
 
@@ -491,6 +502,7 @@ def prepare(
     data_report.png to output_dir (unless `outputs` is False: a tune trial reuses the
     shards its search prepared and reported); fail when the data cannot train well."""
     files = files or check_sources(cfg)
+    fast_parquet_reads()
     task = get_task(cfg.task)
     root = prepared_root(cfg, files)
     rows_dir = fs.join(root, "rows")
