@@ -307,7 +307,6 @@ def test_toy_qa_learns_from_windows_two_stage_with_cpu_offload(tmp_path, ray_ses
     assert AutoModelForQuestionAnswering.from_pretrained(out / "model").config.model_type == "bert"
 
 
-@pytest.mark.slow
 def test_tune_searches_a_qa_task_by_f1(tmp_path, ray_session, qa_model):
     """`rayft tune` on a task other than classification: two learning rates, the search
     optimizes the task's own metric (f1), and the better one wins."""
@@ -317,7 +316,7 @@ def test_tune_searches_a_qa_task_by_f1(tmp_path, ray_session, qa_model):
     config = toy_qa_config(qa_model, data, tmp_path / "tune", method="lora",
                            lora={"r": 8, "alpha": 16})  # fmt: skip
     config["tune"] = {"search_space": {"train.lr": {"grid": [1e-2, 1e-6]}}, "metric": "f1",
-                      "scheduler": "fifo", "max_concurrent_trials": 1}  # fmt: skip
+                      "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1}  # fmt: skip
     summary = search(validate_config(config))
     assert summary["completed"] == 2 and summary["mode"] == "max"
     assert summary["best_config"] == {"train.lr": 1e-2}
