@@ -568,8 +568,7 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
             "output layer is pretrained): use method=full or method=lora"
         )
     if cfg.task == "question_answering":
-        window = min(cfg.train.max_seq_len, d.max_tokens or cfg.train.max_seq_len)
-        stride = d.doc_stride or window // 3
+        window, stride = max_tokens(cfg), doc_stride(cfg)
         if d.max_question_tokens + stride + 4 > window:
             problems.append(
                 f"question_answering: a window of {window} tokens (train.max_seq_len / "
@@ -585,6 +584,18 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
     if cfg.data.text_pair_column and cfg.data.text_pair_column == cfg.data.text_column:
         problems.append("data.text_pair_column must differ from data.text_column")
     return problems
+
+
+def max_tokens(cfg: RayftConfig) -> int:
+    """Rows over this many tokens are truncated (or dropped, per `data.overlong`); QA's
+    window length."""
+    limit = cfg.train.max_seq_len
+    return min(limit, cfg.data.max_tokens) if cfg.data.max_tokens else limit
+
+
+def doc_stride(cfg: RayftConfig) -> int:
+    """QA: tokens shared by consecutive windows (default: a third of the window)."""
+    return cfg.data.doc_stride or max_tokens(cfg) // 3
 
 
 # ---------------------------------------------------------------------------- loading

@@ -117,7 +117,8 @@ def test_first_subtoken_carries_the_tag_and_the_rest_are_ignored(tmp_path):
     import numpy as np
 
     from rayft.modeling import load_tokenizer
-    from rayft.tasks.token_classification import IGNORE, tokenize
+    from rayft.tasks.common import IGNORE_INDEX as IGNORE
+    from rayft.tasks.token_classification import tokenize
     from tests.fixtures.models import tiny_bert
 
     # "newyork" is not in the vocabulary, "new" is: it splits into new + ##york.

@@ -34,14 +34,14 @@ import numpy as np
 import pyarrow as pa
 
 from rayft import __version__
-from rayft.config import DataConfig, RayftConfig
+from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.console import say
 from rayft.data import dedup, fs
 from rayft.data.clean import clean_text, dedup_text, split_of, stable_hash
 from rayft.data.features import write_windows
 from rayft.data.read import BLANK, DataError, expand_sources, peek_columns, read_records
 from rayft.tasks import Task, get_task
-from rayft.tasks.common import canonical_label, max_tokens, sort_labels
+from rayft.tasks.common import canonical_label, sort_labels
 
 PREPARE_VERSION = 3
 SPLITS = ("train", "eval", "test")

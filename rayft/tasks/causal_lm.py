@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig
+from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import max_tokens, pad_sequences
+from rayft.tasks.common import IGNORE_INDEX, pad_sequences
 
-IGNORE = -100
 ALPACA = (
     "Below is an instruction that describes a task{with_input}. Write a response that "
     "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
@@ -148,12 +147,12 @@ def encode(row_turns: list[dict[str, str]], tokenizer: Any, cfg: RayftConfig) ->
     ids: list[int] = []
     labels: list[int] = []
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids, labels = [tokenizer.bos_token_id], [IGNORE]
+        ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
     pieces = segments(row_turns, tokenizer, cfg.data)
     for text, trained in pieces:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
     if (
         cfg.data.add_eos
         and tokenizer.eos_token_id is not None
@@ -163,7 +162,7 @@ def encode(row_turns: list[dict[str, str]], tokenizer: Any, cfg: RayftConfig) ->
         labels.append(tokenizer.eos_token_id)
     limit = max_tokens(cfg)
     if len(ids) > limit:
-        first_trained = next((i for i, x in enumerate(labels) if x != IGNORE), len(labels))
+        first_trained = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
         cut = max(0, min(first_trained - limit // 2, len(ids) - limit))
         ids, labels = ids[cut:][:limit], labels[cut:][:limit]
     return ids, labels
@@ -183,7 +182,7 @@ def tokenize(
             row_ids, row_labels = encoded[r]
             ids += row_ids
             # The first token of each example is never a target: nothing of it precedes.
-            labels += [IGNORE] + list(row_labels[1:])
+            labels += [IGNORE_INDEX] + list(row_labels[1:])
             positions += list(range(len(row_ids)))
         out["input_ids"].append(np.asarray(ids, dtype=np.int32))
         out["labels"].append(np.asarray(labels, dtype=np.int32))
@@ -212,7 +211,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     an attention mask, their padding being one more sequence of its own that no target
     reads; unpacked ones get the usual mask."""
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
-    labels, _ = pad_sequences(batch["labels"], IGNORE)
+    labels, _ = pad_sequences(batch["labels"], IGNORE_INDEX)
     packed = any(int(np.count_nonzero(np.asarray(p) == 0)) > 1 for p in batch["position_ids"])
     if not packed:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -247,10 +246,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     nll = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
         targets.reshape(-1),
-        ignore_index=IGNORE,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(targets.shape)
-    return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
+    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def predict(outputs: Any, inputs: dict[str, Any], cfg: RayftConfig) -> list[tuple[float, int]]:

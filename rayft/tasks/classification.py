@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig
+from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.evaluate import majority_baseline
 from rayft.tasks import Task
-from rayft.tasks.common import canonical_label, label_head_kwargs, max_tokens, pad_sequences
+from rayft.tasks.common import canonical_label, label_head_kwargs, pad_sequences
 
 
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+IGNORE_INDEX = -100  # label of positions the loss skips (transformers' convention)
 PAD_MULTIPLE = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile for
 
 
@@ -54,9 +55,3 @@ def pad_sequences(
         ids[i, :n] = seq
         mask[i, :n] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def max_tokens(cfg: Any) -> int:
-    """Rows over this many tokens are truncated (or dropped, per `data.overlong`)."""
-    limit = cfg.train.max_seq_len
-    return min(limit, cfg.data.max_tokens) if cfg.data.max_tokens else limit

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig
+from rayft.config import DataConfig, RayftConfig, doc_stride, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import max_tokens, pad_sequences
+from rayft.tasks.common import pad_sequences
 
 NO_OFFSET = -1  # offset of a token outside the context (question, special, padding)
 
@@ -89,10 +89,6 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
 
 
 # ---------------------------------------------------------------------- tokenization
-
-
-def doc_stride(cfg: RayftConfig) -> int:
-    return cfg.data.doc_stride or max_tokens(cfg) // 3
 
 
 def tokenize(

@@ -14,12 +14,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig
+from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import label_head_kwargs, max_tokens, pad_sequences
+from rayft.tasks.common import IGNORE_INDEX, label_head_kwargs, pad_sequences
 from rayft.tasks.entities import check_tags, entity_scores
-
-IGNORE = -100  # positions the loss skips
 
 
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
@@ -69,13 +67,13 @@ def tokenize(
         for word in enc.word_ids(i):
             first = word is not None and word != previous
             if word is None:
-                row_labels.append(IGNORE)
+                row_labels.append(IGNORE_INDEX)
             elif first:
                 row_labels.append(ids[word])
             elif cfg.data.label_all_subtokens:
                 row_labels.append(label2id[_continuation(tags[word], label2id)])
             else:
-                row_labels.append(IGNORE)
+                row_labels.append(IGNORE_INDEX)
             row_pos.append(word + 1 if first else 0)
             previous = word
         input_ids.append(np.asarray(enc["input_ids"][i], dtype=np.int32))
@@ -87,7 +85,7 @@ def tokenize(
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
-    labels, _ = pad_sequences(batch["labels"], IGNORE)
+    labels, _ = pad_sequences(batch["labels"], IGNORE_INDEX)
     word_pos, _ = pad_sequences(batch["word_pos"], 0)
     # Keys starting with "_" are for `predict`, not the model.
     return {
