@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayft import __version__
-from rayft.config import DataConfig, RayftConfig, max_tokens
+from rayft.config import DataConfig, DedupConfig, RayftConfig, max_tokens
 from rayft.console import say
 from rayft.data import dedup, fs
 from rayft.data.clean import clean_text, dedup_text, split_of, stable_hash
@@ -209,7 +209,7 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
     texts = [
         _joined_text(task, r.fields) if r.part not in (REJECTED, "blank") else None for r in rows
     ]
-    near = data.dedup.near and task.near_dedup
+    near = dedup_settings(cfg).near
     sig_index = [
         i for i, r in enumerate(rows) if near and r.part not in (REJECTED, FILTERED, "blank")
     ]
@@ -317,22 +317,16 @@ def _token_filters(rows: list[_Row], task: Task, cfg: RayftConfig) -> None:
     if pairs is not None and not any(pairs):
         pairs = None
     with _quiet_tokenizer(tokenizer):
-        ids = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        enc = tokenizer(texts, pairs, truncation=False)
     data, limit = cfg.data, max_tokens(cfg)
-    if task.windows_long_rows:  # long rows become several windows: only the question is limited
-        with _quiet_tokenizer(tokenizer):
-            firsts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for row, row_ids, first_ids in zip(live, ids, firsts, strict=True):
-            row.tokens = len(row_ids)
-            if row.tokens < data.min_tokens:
-                row.reject("too_short_tokens", FILTERED)
-            elif len(first_ids) > data.max_question_tokens:
-                row.reject("question_too_long", FILTERED)
-        return
-    for row, row_ids in zip(live, ids, strict=True):
+    for i, (row, row_ids) in enumerate(zip(live, enc["input_ids"], strict=True)):
         row.tokens = len(row_ids)
         if row.tokens < data.min_tokens:
             row.reject("too_short_tokens", FILTERED)
+        elif task.windows_long_rows:  # long rows become windows: only the question is limited
+            # The first text's tokens in the pair encoding (QA needs a fast tokenizer).
+            if enc.sequence_ids(i).count(0) > data.max_question_tokens:
+                row.reject("question_too_long", FILTERED)
         elif row.tokens > limit:
             if data.overlong == "drop":
                 row.reject("too_long_tokens", FILTERED)
@@ -559,18 +553,22 @@ def _run_passes(cfg: RayftConfig, files: dict[str, list[str]], root: str, rows_d
     fs.remove(stage_dir)
 
 
+def dedup_settings(cfg: RayftConfig) -> DedupConfig:
+    """`data.dedup` as this task uses it: near-duplicate search only where the task wants
+    it (see `Task.near_dedup`)."""
+    d = cfg.data.dedup
+    return d if get_task(cfg.task).near_dedup else d.model_copy(update={"near": False})
+
+
 def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
     """Pass 2: write the dedup marks; False when there is nothing to look for."""
     import ray.data
     from ray.data.expressions import col
 
-    d = cfg.data.dedup
-    if not get_task(cfg.task).near_dedup:
-        d = d.model_copy(update={"near": False})
-    splits = output_splits(cfg)
-    if not (d.exact or d.near or d.remove_contaminated):
-        return False  # all of it switched off: not even cross-split copies are counted
-    if not (d.exact or d.near or len(splits) > 1):
+    d = dedup_settings(cfg)
+    # Nothing to look for: no duplicates within a split wanted, and no other split to
+    # check against (or that check switched off too).
+    if not (d.exact or d.near or (d.remove_contaminated and len(output_splits(cfg)) > 1)):
         return False
     columns = ["part", "_uid", "_split", "_source", "_line", "_key", "_sig"]
     kept_rows = _parquet_rows(stage_dir)  # from the files' footers: sizes the shuffle
