@@ -51,7 +51,6 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
     import ray.data
 
     task = get_task(cfg.task)
-    columns = [*task.fields, "_source", "_line"]
     cfg_json = cfg.model_dump_json()
     datasets = {}
     for split in [s for s in ("train", "eval", "test") if s in prepared.splits]:
@@ -59,7 +58,7 @@ def _build_datasets(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> dict[st
         path = prepared.features.get(split) if task.windowed else prepared.splits[split]
         if path is None:
             continue  # no rows in this split: the plan has none either
-        rows = ray.data.read_parquet(path, columns=None if task.windowed else columns)
+        rows = ray.data.read_parquet(path, columns=None if task.windowed else task.row_columns)
         ds = rows.map_batches(functools.partial(_mark_pad, value=False), batch_format="pyarrow")
         pad = plan.pad_rows.get(split, 0)
         if pad:
@@ -194,8 +193,7 @@ def sample_prompts(cfg: RayftConfig, prepared: Prepared) -> list[dict[str, Any]]
         return None
     from rayft.modeling import load_tokenizer
 
-    columns = [*task.fields, "_source", "_line"]
-    rows = ray.data.read_parquet(prepared.splits["eval"], columns=columns).take(
+    rows = ray.data.read_parquet(prepared.splits["eval"], columns=task.row_columns).take(
         cfg.generate.samples
     )
     return task.sample_prompts(rows, load_tokenizer(cfg), cfg)

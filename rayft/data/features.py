@@ -61,14 +61,13 @@ def write_windows(cfg: RayftConfig, splits: dict[str, str], rows: dict[str, int]
     import ray.data
 
     task = get_task(cfg.task)
-    columns = [*task.fields, "_source", "_line"]
     cfg_json = cfg.model_dump_json()
     dirs, counts = {}, {}
     for split, path in splits.items():
         if not rows.get(split):
             continue
         out = fs.join(root, "features", split)
-        ray.data.read_parquet(path, columns=columns).map_batches(
+        ray.data.read_parquet(path, columns=task.row_columns).map_batches(
             functools.partial(_windows_block, cfg_json=cfg_json), batch_format="numpy"
         ).write_parquet(out)
         dirs[split] = out

@@ -71,6 +71,11 @@ class Task:
     # rank 0's per-feature prediction rows -> one row per example, for the predictions file
     per_example: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
+    @property
+    def row_columns(self) -> list[str]:
+        """What is read back from prepared shards: the task's fields and provenance."""
+        return [*self.fields, "_source", "_line"]
+
 
 def get_task(name: str) -> Task:
     from rayft.tasks import causal_lm, classification, question_answering, token_classification
