@@ -116,9 +116,7 @@ def test_chat_template_trains_every_assistant_turn_and_nothing_else():
         [i for i, x in zip(ids, labels, strict=True) if x != -100]
     )
     # The template closes each assistant turn with </s>: trained too (the model learns to stop).
-    assert trained == ["blue", "</", "s", ">", "green", "</", "s", ">"] or trained == [
-        "blue", "</s>", "green", "</s>"
-    ]  # fmt: skip
+    assert trained == ["blue", "</s>", "green", "</s>"]
     rendered = tokenizer.apply_chat_template(chat, tokenize=False)
     assert tokenizer.decode(ids).replace(" ", "") == rendered.replace(" ", "")
     prompt = lm.prompt_text(turns({"messages": chat}), tokenizer, cfg.data)

@@ -50,7 +50,7 @@ def test_best_span_respects_order_length_and_context():
     context = np.array([False, True, True, True, True, True])  # position 0 is [CLS]
     # Best pair overall in the context: start 2 (5) + end 5 (8) = 13, 4 tokens long.
     assert qa.best_span(start, end, context, n_best=5, max_answer_tokens=30) == (13.0, 2, 5)
-    # At most 2 tokens: start 2 + end 3 (11) beats start 4 + end 5 (12)? 4..5 is 2 tokens.
+    # At most 2 tokens: 2..5 is out; start 4 + end 5 (4 + 8 = 12) beats start 2 + end 3 (11).
     assert qa.best_span(start, end, context, n_best=5, max_answer_tokens=2) == (12.0, 4, 5)
     # An end before every start is never chosen.
     assert qa.best_span(np.array([0, 0, 9.0]), np.array([0, 9.0, 0]), np.ones(3, bool), 3, 5) == (
