@@ -9,9 +9,32 @@ import sys
 from rayft.config import ConfigError, load_config, resolve_paths
 from rayft.data.read import DataError
 
+FORGETTING_EXCEEDED = 3  # exit status of a run over eval.max_forgetting
+
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="override config keys"
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _inference_args(parser: argparse.ArgumentParser) -> None:
+    """What `predict` and `eval` share: the model, its replicas, and config overrides."""
+    parser.add_argument(
+        "--model", required=True, help="model directory exported by rayft (<output_dir>/model)"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=1, help="model replicas (Ray Data actors)"
+    )
+    parser.add_argument("--gpu", action="store_true", help="one GPU per replica")
     parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="override config keys"
     )
@@ -51,6 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _config_args(prepare)
+    predict = verbs.add_parser(
+        "predict",
+        help="predictions of an exported model for a file of rows: its columns plus the "
+        "task's (prediction/score, entities/predicted_tags, answer/score, generation); "
+        "unusable rows go to <output stem>.quarantine.jsonl",
+    )
+    _inference_args(predict)
+    predict.add_argument("--input", required=True, help="rows to predict (any data format)")
+    predict.add_argument(
+        "--output", required=True, help="predictions file: .jsonl, .csv or .parquet"
+    )
+    predict.add_argument("--batch-size", type=_positive, default=32, help="rows per forward")
+    predict.add_argument(
+        "--config",
+        help="the training config, for its data settings (columns, data.format, templates, "
+        "QA windows, generate.*); default: the task's defaults",
+    )
+    evaluate = verbs.add_parser(
+        "eval",
+        help="score an exported model on labelled data with training's metrics "
+        "(metrics.json, eval_predictions.jsonl, report)",
+    )
+    _inference_args(evaluate)
+    evaluate.add_argument("--data", required=True, help="labelled rows (any data format)")
+    evaluate.add_argument(
+        "--config", required=True, help="the training config (data settings, eval.*)"
+    )
+    evaluate.add_argument(
+        "--out", help="output directory (default: <model dir>/../eval-<data file stem>)"
+    )
     synth = data.add_parser("synth", help="write a synthetic labeled corpus (jsonl shards)")
     synth.add_argument("--rows", type=int, required=True, help="rows to write")
     synth.add_argument("--out", required=True, help="output directory")
@@ -65,7 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from rayft.trainer import fit
 
-    fit(load_config(args.config, args.overrides))
+    metrics = fit(load_config(args.config, args.overrides))
+    forgetting = metrics.get("forgetting", {})
+    if forgetting.get("exceeded"):
+        print(
+            f"rayft train: the model forgot too much: forgetting ratio {forgetting['ratio']:.3f} "
+            f"exceeds eval.max_forgetting {forgetting['max_forgetting']:g} (see report.md)",
+            file=sys.stderr,
+        )
+        return FORGETTING_EXCEEDED
     return 0
 
 
@@ -106,7 +167,44 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "data": cmd_data}
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rayft.inference import predict_file
+
+    predict_file(
+        args.model,
+        args.input,
+        args.output,
+        config_path=args.config,
+        overrides=args.overrides,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        gpu=args.gpu,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rayft.inference import evaluate_file
+
+    evaluate_file(
+        args.model,
+        args.data,
+        args.config,
+        args.overrides,
+        args.out,
+        concurrency=args.concurrency,
+        gpu=args.gpu,
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "data": cmd_data,
+    "predict": cmd_predict,
+    "eval": cmd_eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -399,6 +399,115 @@ class CheckpointSection(_Section):
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
 
 
+BASELINES = ("majority", "frozen", "pretrained")
+# What each task can be compared with: `majority` needs class labels to count, `frozen`
+# needs a new head to train on a frozen body (causal_lm's output layer is pretrained).
+TASK_BASELINES = {
+    "sequence_classification": ("majority", "frozen", "pretrained"),
+    "token_classification": ("majority", "frozen", "pretrained"),
+    "question_answering": ("frozen", "pretrained"),
+    "causal_lm": ("pretrained",),
+}
+GENERAL_TEXT = "pkg:rayft/resources/general_text.txt"
+
+
+class EvalSection(_Section):
+    baselines: list[Literal[BASELINES]] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="What the fine-tuned model is compared with on the same eval split: "
+        "`majority` (always the most frequent training label), `frozen` (a fresh head "
+        "trained on the frozen backbone: a second, cheap run), `pretrained` (the model "
+        "before any update: for causal_lm its perplexity). Unset: every one the task "
+        "supports (classification and NER all three, QA frozen and pretrained, causal_lm "
+        "pretrained). When the run itself is `frozen`, the frozen baseline is the run and "
+        "full or LoRA fine-tuning is suggested in the report instead.",
+    )
+    frozen_epochs: int | None = Field(
+        None, ge=1, description="Epochs of the frozen baseline (default: `train.epochs`)."
+    )
+    frozen_lr: float = Field(1e-3, gt=0, description="Learning rate of the frozen baseline.")
+    general_text: str | None = Field(
+        GENERAL_TEXT,
+        description="General-domain text (one paragraph per line) on which forgetting is "
+        "measured before training and at every evaluation: the backbone's masked-LM loss "
+        "(encoders) or perplexity (decoders). Default: 300 paragraphs of encyclopedic "
+        "prose shipped with rayft. null: not measured.",
+    )
+    general_max_tokens: int = Field(
+        16_384, ge=64, description="Tokens of `eval.general_text` used (from its start)."
+    )
+    probe_steps: int = Field(
+        200,
+        ge=1,
+        description="Encoders whose checkpoint has no masked-LM head: optimizer steps of the "
+        "probe head trained on the frozen pretrained backbone before fine-tuning (then "
+        "frozen, and used to score the backbone before and after).",
+    )
+    max_forgetting: float | None = Field(
+        None,
+        gt=0,
+        description="Largest acceptable forgetting ratio (after / before: masked-LM loss, "
+        "or perplexity). Above it the run is flagged in the report and `rayft train` exits "
+        "with status 3; checkpoints within the limit rank first, and `rayft tune` optimizes "
+        "`<tune.metric>_within_forgetting` (the metric, pushed below every trial within the "
+        "limit when over it).",
+    )
+    slice_column: str | None = Field(
+        None,
+        description="Column of the eval data whose values define slices (e.g. `dialect`, "
+        "`source`): the metric per slice and the largest gap between slices are reported.",
+    )
+    slice_metric: str | None = Field(
+        None,
+        description="Metric compared across slices (default: accuracy for classification, "
+        "f1 for NER and QA, perplexity for causal_lm).",
+    )
+    max_slice_gap: float = Field(
+        0.1, ge=0, description="A gap between the best and worst slice above this is flagged."
+    )
+    min_slice_rows: int = Field(
+        10, ge=1, description="Slices with fewer eval rows are listed but not compared."
+    )
+    report: bool = Field(
+        True, description="Write report.md / report.html with PNG plots into output_dir."
+    )
+
+
+class TrackingSection(_Section):
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files in `<output_dir>/tensorboard`."
+    )
+    mlflow: bool = Field(False, description="Log params, metrics and the report to MLflow.")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server or store (default: `MLFLOW_TRACKING_URI`, else "
+        "a local store: `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`). Credentials come from the "
+        "environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME` / `_PASSWORD`), "
+        "never from the config.",
+    )
+    mlflow_experiment: str = Field("rayft", description="MLflow experiment name.")
+    wandb: bool = Field(
+        False,
+        description="Log to Weights & Biases (needs `pip install wandb`; the key comes from "
+        "`WANDB_API_KEY` or `wandb login`, never from the config).",
+    )
+    wandb_project: str = Field("rayft", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user).")
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if uri and "://" in uri and (urlsplit(uri).username or urlsplit(uri).password):
+            raise ValueError(
+                "holds credentials; give the URI without them and set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return uri
+
+
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
@@ -507,6 +616,8 @@ class RayftConfig(_Section):
     two_stage: TwoStageSection = Field(default_factory=TwoStageSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     tune: TuneSection | None = Field(
         None, description="Hyperparameter search (`rayft tune`); ignored by `rayft train`."
     )
@@ -581,9 +692,23 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
                 "question_answering with data.split: set data.split_by (e.g. title) so "
                 "questions on one passage do not land in both train and eval"
             )
+    allowed = TASK_BASELINES[cfg.task]
+    for name in cfg.eval.baselines or ():
+        if name not in allowed:
+            problems.append(
+                f"eval.baselines: {cfg.task} has no '{name}' baseline (it has "
+                f"{', '.join(allowed)}); remove it"
+            )
+    if cfg.eval.slice_metric and cfg.eval.slice_column is None:
+        problems.append("eval.slice_metric is set but eval.slice_column is not: name the column")
     if cfg.data.text_pair_column and cfg.data.text_pair_column == cfg.data.text_column:
         problems.append("data.text_pair_column must differ from data.text_column")
     return problems
+
+
+def baselines(cfg: RayftConfig) -> list[str]:
+    """The baselines this run computes: `eval.baselines`, or all that the task has."""
+    return list(cfg.eval.baselines if cfg.eval.baselines is not None else TASK_BASELINES[cfg.task])
 
 
 def max_tokens(cfg: RayftConfig) -> int:
@@ -660,6 +785,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: required key is missing{what}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    if loc[-1:] == ("mlflow_tracking_uri",):
+        shown = "a URI"  # it may hold credentials: never echoed
     return f"{path}: {error['msg']}, got {shown} ({type(value).__name__})"
 
 
@@ -742,6 +869,8 @@ def resolve_paths(cfg: RayftConfig) -> RayftConfig:
     data["data"]["test"] = many(cfg.data.test)
     if cfg.data.cache_dir:
         data["data"]["cache_dir"] = resolve_path(cfg.data.cache_dir)
+    if cfg.eval.general_text:
+        data["eval"]["general_text"] = resolve_path(cfg.eval.general_text)
     data["output_dir"] = os.path.abspath(os.path.expanduser(cfg.output_dir))
     storage = cfg.storage_path or os.path.join(data["output_dir"], "ray")
     data["storage_path"] = storage if "://" in storage else os.path.abspath(storage)

@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 from rayft import checkpoint as ckpt
+from rayft import forgetting as forgetting_mod
 from rayft import methods
-from rayft.config import RayftConfig
+from rayft.config import RayftConfig, baselines
 from rayft.console import say
 from rayft.engine import initialize, zero3_init_context
+from rayft.evaluate import add_within_forgetting, slice_metrics
 from rayft.modeling import build_model, load_tokenizer
 from rayft.tasks import Task, get_task
 
@@ -155,6 +157,9 @@ def evaluate(
             if real.any() and not real.all():
                 batch = {k: v[real] for k, v in batch.items()}
             sources, lines = batch.pop("_source"), batch.pop("_line")
+            slices = batch.pop("_slice", None)
+            if slices is None:
+                slices = np.full(len(sources), None, dtype=object)
             inputs = _to_device(task.collate(batch, pad_id), engine.device)
             outputs = engine(**model_inputs(inputs))
             if not real.any():
@@ -164,7 +169,7 @@ def evaluate(
             loss_rows += n
             preds.extend(task.predict(outputs, inputs, cfg))
             refs.extend(task.references(batch))
-            where.extend(zip(sources.tolist(), lines.tolist(), strict=True))
+            where.extend(zip(sources.tolist(), lines.tolist(), slices.tolist(), strict=True))
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (preds, refs, loss_sum, loss_rows, where))
     all_preds = [p for g in gathered for p in g[0]]
@@ -173,8 +178,11 @@ def evaluate(
     total_rows = sum(g[3] for g in gathered)
     if rows_out is not None:
         all_where = [w for g in gathered for w in g[4]]
-        for (source, line), pred, ref in zip(all_where, all_preds, all_refs, strict=True):
-            rows_out.append({"source": source, "line": line, "prediction": pred, "reference": ref})
+        for (source, line, slice_), pred, ref in zip(all_where, all_preds, all_refs, strict=True):
+            rows_out.append(
+                {"source": source, "line": line, "slice": slice_, "prediction": pred,
+                 "reference": ref}
+            )  # fmt: skip
     metrics = task.compute_metrics(all_preds, all_refs, plan.labels)
     metrics["eval_loss"] = total_loss / max(total_rows, 1)
     metrics["eval_rows"] = total_rows
@@ -233,7 +241,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
-    pad_id = load_tokenizer(cfg).pad_token_id
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     test_shard = ray.train.get_dataset_shard("test") if "test" in plan.pad_rows else None
@@ -254,12 +263,36 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 f"(phase {phases[state['phase']].name}, epoch {state['epoch']})"
             )
     history: list[dict[str, Any]] = state["history"]
+    device = ray.train.torch.get_device()
+    # Forgetting: general text scored before training and at every evaluation.
+    forgetting = forgetting_mod.build(cfg, tokenizer, rank, world)
+    forgetting_note = None
+    if isinstance(forgetting, str):
+        forgetting_note, forgetting = forgetting, None
+        if rank == 0:
+            say(f"forgetting is not measured: {forgetting_note}")
+    if forgetting is not None and forgetting.head is not None:
+        forgetting.head.to(device)
+        if resume_dir is not None and forgetting.head_source == "probe":
+            probe = torch.load(
+                os.path.join(resume_dir, forgetting_mod.PROBE_FILE), weights_only=True
+            )
+            forgetting.load_probe(probe, device)
+
+    def forgetting_metrics(module: torch.nn.Module) -> dict[str, float]:
+        if forgetting is None:
+            return {}
+        loss = forgetting.loss(module, device)
+        return {
+            "general_loss": loss,
+            "forgetting_ratio": forgetting.ratio(state["forgetting_before"], loss),
+        }
+
     step = state["step"]
     progress = _Progress(plan.total_steps, step)
     samples = 0
     train_seconds = 0.0
     data_seconds = 0.0  # of train_seconds, spent waiting for the next batch
-    device = ray.train.torch.get_device()
     loss_run = _LossMeter(device)  # since the last report
     loss_all = _LossMeter(device)  # over the whole run
     last_eval: dict[str, float] = {}
@@ -275,6 +308,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         nonlocal last_eval
         if do_eval:
             last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
+            last_eval.update(forgetting_metrics(engine.module))
         epochs_before = sum(p.epochs for p in phases[: phases.index(phase)])
         metrics = {
             "step": step,
@@ -285,6 +319,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "samples_per_second": samples / max(train_seconds, 1e-9),
             **last_eval,
         }
+        add_within_forgetting(metrics, cfg)
         loss_run.reset()
         history.append(metrics)
         checkpoint = None
@@ -298,8 +333,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "world_size": world,
                 "history": history,
                 "metrics": metrics,
+                "forgetting_before": state.get("forgetting_before"),
+                "pretrained_eval": state.get("pretrained_eval"),
             }
             directory = ckpt.save_training_state(engine, snapshot, rank)
+            if rank == 0 and forgetting is not None and forgetting.head_source == "probe":
+                torch.save(
+                    forgetting.probe_state(), os.path.join(directory, forgetting_mod.PROBE_FILE)
+                )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
@@ -307,6 +348,31 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def before_training(engine: Any, phase: methods.Phase) -> None:
+        """The untrained model's figures: the forgetting baseline (training the probe
+        first when there is one) and, as a baseline, its eval metrics (step 0)."""
+        if forgetting is not None:
+            if forgetting.head_source == "probe":
+                before = forgetting.train_probe(engine.module, device, cfg.eval.probe_steps)
+            else:
+                before = forgetting.loss(engine.module, device)
+            state["forgetting_before"] = before
+            if rank == 0:
+                say(
+                    f"forgetting: general-text {forgetting.measure} before training "
+                    f"{before:.4f} ({forgetting.tokens:,} tokens, {forgetting.head_source} head)"
+                )
+        if "pretrained" in baselines(cfg):
+            scores = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
+            state["pretrained_eval"] = scores
+            entry = {"step": 0, "epoch": 0.0, "phase": phase.name, **scores}
+            if forgetting is not None:
+                entry.update(general_loss=state["forgetting_before"], forgetting_ratio=1.0)
+            history.append(entry)
+            if rank == 0:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+                say(f"before training (pretrained baseline): {shown}")
 
     for phase_index, phase in enumerate(phases):  # noqa: B007 (report() reads `phase`)
         if phase_index < state["phase"] or stop:
@@ -335,6 +401,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             start_epoch, skip_micro = state["epoch"], state["micro"]
             if skip_micro >= plan.micro_per_epoch:
                 start_epoch, skip_micro = start_epoch + 1, 0
+        elif resume_dir is None and phase_index == 0:
+            before_training(engine, phase)
         if rank == 0:
             say(
                 f"phase '{phase.name}': {trainable:,} of {total:,} parameters train "
@@ -366,8 +434,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if micro_done < skip_micro:
                     micro_done += 1
                     continue
-                for name in ("_pad", "_source", "_line"):
-                    batch.pop(name)
+                for name in ("_pad", "_source", "_line", "_slice"):
+                    batch.pop(name, None)
                 rows = len(batch["input_ids"])
                 # Close the accumulation at the epoch's last micro-batch too, so epochs
                 # end on an optimizer step (that step's gradient is scaled by 1/grad_accum).
@@ -437,6 +505,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     unset_hf_deepspeed_config()
     predictions: list[dict[str, Any]] = []
     last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
+    last_eval.update(forgetting_metrics(engine.module))
     if test_shard is not None:  # data.test: scored once, by the final model
         scores = evaluate(engine, test_shard, task, cfg, plan, pad_id)
         last_eval.update(
@@ -461,7 +530,33 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         "done": True,
         **last_eval,
     }
+    add_within_forgetting(metrics, cfg)
+    final_extra: dict[str, Any] = {}  # for metrics.json, not the history
+    if forgetting is not None:
+        final_extra["forgetting"] = {
+            "measure": forgetting.measure,
+            "head": forgetting.head_source,
+            "before": state["forgetting_before"],
+            "after": metrics["general_loss"],
+            "ratio": metrics["forgetting_ratio"],
+            "tokens": forgetting.tokens,
+            "text": forgetting.text,
+        }
+    elif forgetting_note:
+        final_extra["forgetting"] = {"not_measured": forgetting_note}
+    if state.get("pretrained_eval") is not None:
+        final_extra["pretrained_eval"] = state["pretrained_eval"]
+    if cfg.eval.slice_column and rank == 0:
+        final_extra["slices"] = slice_metrics(
+            [r["prediction"] for r in predictions],
+            [r["reference"] for r in predictions],
+            [r["slice"] for r in predictions],
+            task,
+            plan.labels,
+            cfg,
+        )
     history.append({k: v for k, v in metrics.items() if k != "done"})
+    metrics.update(final_extra)
     if rank == 0:
         export_dir = tempfile.mkdtemp(prefix="rayft-export-")
         ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)

@@ -15,11 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from rayft import checkpoint as ckpt
-from rayft.config import RayftConfig, dump_config, resolve_paths
+from rayft import tracking
+from rayft.config import RayftConfig, baselines, dump_config, resolve_paths, validate_config
 from rayft.console import say
 from rayft.data import fs
 from rayft.data.features import tokenize_block
 from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
+from rayft.evaluate import within_forgetting_key
 from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
 
@@ -127,7 +129,7 @@ def build_trainer(
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep,
-                checkpoint_score_attribute=cfg.checkpoint.metric,
+                checkpoint_score_attribute=checkpoint_score(cfg),
                 checkpoint_score_order=cfg.checkpoint.mode,
             ),
             failure_config=FailureConfig(max_failures=s.max_failures),
@@ -136,6 +138,13 @@ def build_trainer(
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
+
+
+def checkpoint_score(cfg: RayftConfig) -> str:
+    """What ranks checkpoints: `checkpoint.metric`, within `eval.max_forgetting` first."""
+    if cfg.eval.max_forgetting is None:
+        return cfg.checkpoint.metric
+    return within_forgetting_key(cfg.checkpoint.metric)
 
 
 def default_run_name(cfg: RayftConfig) -> str:
@@ -165,22 +174,88 @@ def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> Non
 
 
 def fit(cfg: RayftConfig) -> dict[str, Any]:
-    """Prepare the data, train, evaluate, and write config.yaml, metrics.json, model/."""
+    """Prepare the data, train, evaluate, run the baselines, and write config.yaml,
+    metrics.json, model/ and the report."""
     started = time.time()
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
         handle.write(dump_config(cfg))
+    run_name = cfg.run_name or default_run_name(cfg)
+    tracked = tracking.start(cfg, run_name)  # a tracker that cannot log fails here
     init_ray(cfg)
     prepared = prepare(cfg, files)
     plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
     _print_plan(cfg, prepared, plan)
     datasets = build_datasets(cfg, prepared, plan)
-    result = build_trainer(cfg, plan, datasets, prompts=sample_prompts(cfg, prepared)).fit()
+    trainer = build_trainer(
+        cfg,
+        plan,
+        datasets,
+        run_name=run_name,
+        callbacks=[tracking.callback(tracked)],
+        prompts=sample_prompts(cfg, prepared),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        tracking.finish(tracked, {}, failed=True)
+        raise result.error
+    frozen = frozen_baseline(cfg, files, run_name)
+    metrics = write_outputs(cfg, prepared, result, started, frozen=frozen)
+    tracking.finish(tracked, metrics)
+    return metrics
+
+
+def frozen_baseline(
+    cfg: RayftConfig, files: dict[str, list[str]], run_name: str
+) -> dict[str, Any] | None:
+    """The frozen-backbone baseline: a fresh head trained alone on the same prepared data
+    (`method: frozen`, `eval.frozen_lr`), its checkpoints under `<storage_path>/baselines`;
+    its final eval metrics. None when not asked for, or when the run is itself `frozen`."""
+    if "frozen" not in baselines(cfg) or cfg.method == "frozen":
+        return None
+    started = time.time()
+    raw = cfg.model_dump(mode="json")
+    raw.update(
+        method="frozen",
+        output_dir=os.path.join(cfg.output_dir, "baselines", "frozen"),
+        storage_path=fs.join(cfg.storage_path, "baselines"),
+        run_name=f"{run_name}-frozen-baseline",
+        tune=None,
+    )
+    raw["train"].update(
+        lr=cfg.eval.frozen_lr,
+        epochs=cfg.eval.frozen_epochs or cfg.train.epochs,
+        eval_every_steps=None,
+        max_steps=None,
+    )
+    raw["checkpoint"].update(every_steps=None, metric="eval_loss", mode="min", keep=1)
+    raw["eval"].update(baselines=[], general_text=None, max_forgetting=None, report=False)
+    raw["tracking"] = {"tensorboard": False, "mlflow": False, "wandb": False}
+    raw["generate"]["samples"] = 0
+    # The same prepared shards: the cache key holds the data settings, not the method.
+    raw["data"]["cache_dir"] = cfg.data.cache_dir or fs.join(cfg.storage_path, "prepared")
+    base = resolve_paths(validate_config(raw))
+    say(
+        f"baseline: training a fresh head on the frozen backbone (lr {base.train.lr:g}, "
+        f"{base.train.epochs} epoch(s)) on the same data"
+    )
+    prepared = prepare(base, files, outputs=False)
+    plan = Plan.derive(base, prepared.labels, prepared.units, base.scaling.num_workers)
+    result = build_trainer(base, plan, build_datasets(base, prepared, plan)).fit()
     if result.error is not None:
         raise result.error
-    return write_outputs(cfg, prepared, result, started)
+    task = get_task(cfg.task)
+    final = result.metrics
+    scores = {k: final[k] for k in (*task.metric_names, "eval_loss") if k in final}
+    return {
+        **scores,
+        "epochs": base.train.epochs,
+        "lr": base.train.lr,
+        "wall_seconds": time.time() - started,
+        "checkpoint_path": result.checkpoint.path,
+    }
 
 
 def sample_prompts(cfg: RayftConfig, prepared: Prepared) -> list[dict[str, Any]] | None:
@@ -218,9 +293,14 @@ def _print_plan(cfg: RayftConfig, prepared: Prepared, plan: Plan) -> None:
 
 
 def write_outputs(
-    cfg: RayftConfig, prepared: Prepared, result: Any, started: float
+    cfg: RayftConfig,
+    prepared: Prepared,
+    result: Any,
+    started: float,
+    frozen: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Copy the exported model out of the final checkpoint; write metrics.json."""
+    """Copy the exported model out of the final checkpoint; write metrics.json (with the
+    baselines, forgetting, slices and the selected checkpoint) and the report."""
     out = cfg.output_dir
     with ckpt.local_dir(result.checkpoint) as directory:
         for name in (ckpt.MODEL_DIR, ckpt.ADAPTER_DIR):
@@ -233,6 +313,9 @@ def write_outputs(
                 shutil.copy(os.path.join(directory, name), os.path.join(out, name))
     final = dict(result.metrics)
     final.pop("done", None)
+    pretrained = final.pop("pretrained_eval", None)
+    forgetting = final.pop("forgetting", None)
+    slices = final.pop("slices", None)
     metrics: dict[str, Any] = {
         **final,
         "wall_seconds": time.time() - started,
@@ -241,26 +324,97 @@ def write_outputs(
         "checkpoint_path": result.checkpoint.path,
     }
     task = get_task(cfg.task)
-    if prepared.labels and task.baseline is not None:
-        metrics["baselines"] = {
-            "majority": task.baseline(
-                prepared.label_counts["train"], prepared.label_counts["eval"], prepared.labels
+    wanted = baselines(cfg)
+    compared: dict[str, Any] = {}
+    if "majority" in wanted and prepared.labels and task.baseline is not None:
+        compared["majority"] = task.baseline(
+            prepared.label_counts["train"], prepared.label_counts["eval"], prepared.labels
+        )
+    if pretrained is not None:
+        compared["pretrained"] = pretrained
+    if frozen is not None:
+        compared["frozen"] = frozen
+    if compared:
+        metrics["baselines"] = compared
+    if cfg.method == "frozen":
+        metrics["baselines_note"] = (
+            "This run is the frozen-backbone baseline itself (a new head on a frozen body). "
+            "To see what adapting the backbone buys, run the same config with method=lora "
+            "(cheap) or method=full."
+        )
+    if forgetting is not None:
+        if "ratio" in forgetting:
+            limit = cfg.eval.max_forgetting
+            forgetting.update(
+                max_forgetting=limit,
+                exceeded=bool(limit is not None and forgetting["ratio"] > limit),
             )
-        }
+        metrics["forgetting"] = forgetting
+    if slices is not None:
+        metrics["slices"] = slices
+    selected = _selected_checkpoint(cfg, result)
+    if selected is not None:
+        metrics["selected_checkpoint"] = selected
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
+    if cfg.eval.report:
+        from rayft.report import write_report
+
+        write_report(out)
     _print_summary(cfg, metrics)
     return metrics
 
 
+def _selected_checkpoint(cfg: RayftConfig, result: Any) -> dict[str, Any] | None:
+    """The best checkpoint Ray Train kept by `checkpoint.metric`, those within
+    `eval.max_forgetting` ranked first."""
+    key = checkpoint_score(cfg)
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if isinstance(m.get(key), float)]
+    if not ranked:
+        return None
+    sign = 1 if cfg.checkpoint.mode == "max" else -1
+    checkpoint, metrics = max(ranked, key=lambda item: sign * item[1][key])
+    ratio = metrics.get("forgetting_ratio")
+    limit = cfg.eval.max_forgetting
+    return {
+        "path": checkpoint.path,
+        "step": metrics.get("step"),
+        "metric": cfg.checkpoint.metric,
+        "value": metrics.get(cfg.checkpoint.metric),
+        "forgetting_ratio": ratio,
+        "within_forgetting": None if limit is None or ratio is None else ratio <= limit,
+    }
+
+
 def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
-    keys = ("accuracy", "token_accuracy", "f1", "eval_loss", "test_f1", "test_accuracy")
+    keys = (
+        "accuracy", "token_accuracy", "exact_match", "f1", "perplexity", "eval_loss", "test_f1",
+        "test_accuracy",
+    )  # fmt: skip
     shown = [f"{k} {metrics[k]:.4f}" for k in keys if k in metrics]
     majority = metrics.get("baselines", {}).get("majority")
     if majority:
         scores = ", ".join(f"{k} {majority[k]:.4f}" for k in keys if k in majority)
         shown.append(f"(majority baseline: {scores})")
     say(f"done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
+    for name, scores in metrics.get("baselines", {}).items():
+        if name != "majority":
+            shown = ", ".join(f"{k} {scores[k]:.4f}" for k in keys if k in scores)
+            say(f"{name} baseline: {shown}")
+    forgetting = metrics.get("forgetting", {})
+    if "ratio" in forgetting:
+        flag = " EXCEEDS eval.max_forgetting" if forgetting.get("exceeded") else ""
+        say(
+            f"forgetting: general-text {forgetting['measure']} {forgetting['before']:.4f} -> "
+            f"{forgetting['after']:.4f}, ratio {forgetting['ratio']:.3f}{flag}"
+        )
+    slices = metrics.get("slices")
+    if slices and slices.get("gap") is not None:
+        flag = " EXCEEDS eval.max_slice_gap" if slices["exceeded"] else ""
+        say(
+            f"slices by {slices['column']}: {slices['metric']} gap {slices['gap']:.4f} "
+            f"({slices['best']} vs {slices['worst']}){flag}"
+        )
     where = os.path.join(cfg.output_dir, ckpt.MODEL_DIR)
     adapter = os.path.join(cfg.output_dir, ckpt.ADAPTER_DIR)
     extra = f" (peft adapter: {adapter})" if cfg.method == "lora" else ""

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from rayft import tracking
 from rayft.config import (
     ConfigError,
     RayftConfig,
@@ -35,6 +36,7 @@ from rayft.config import (
 )
 from rayft.console import say
 from rayft.data import fs
+from rayft.evaluate import within_forgetting, within_forgetting_key
 from rayft.tasks import get_task
 
 TUNE_DIR = "tune"
@@ -149,6 +151,10 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) ->
     out = os.path.join(base["output_dir"], TUNE_DIR, "trials", trial_id)
     raw = deep_merge(base, params)
     raw.update(output_dir=out, storage_path=os.path.join(out, "ray"), run_name=f"trial-{trial_id}")
+    # MLflow and W&B log a search through Ray Tune's own callbacks (a run per trial); the
+    # frozen baseline runs once, for the best trial, after the search.
+    raw["tracking"].update(mlflow=False, wandb=False)
+    raw["eval"]["baselines"] = [b for b in baselines_of(raw) if b != "frozen"]
     # Every trial reads the shards the driver prepared (cache_dir is not part of their key).
     raw["data"]["cache_dir"] = raw["data"]["cache_dir"] or os.path.join(
         base["storage_path"], "prepared"
@@ -156,8 +162,24 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) ->
     return resolve_paths(validate_config(raw))
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
-    """A Tune function trainable: one multi-worker Ray Train + DeepSpeed run."""
+def baselines_of(raw: dict[str, Any]) -> list[str]:
+    from rayft.config import baselines
+
+    return baselines(validate_config(raw))
+
+
+def objective(cfg: RayftConfig) -> str:
+    """What the search optimizes: `tune.metric`, or with `eval.max_forgetting`
+    `<metric>_within_forgetting` (the trials within the limit rank first)."""
+    metric = cfg.tune.metric
+    return metric if cfg.eval.max_forgetting is None else within_forgetting_key(metric)
+
+
+def run_trial(
+    params: dict[str, Any], *, base: dict[str, Any], metric: str = "eval_loss", mode: str = "min"
+) -> None:
+    """A Tune function trainable: one multi-worker Ray Train + DeepSpeed run; `metric`
+    and `mode` are the search's (for `<metric>_within_forgetting`)."""
     from ray import tune
     from ray.util.queue import Empty, Queue
 
@@ -212,7 +234,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
         if metrics.get("done"):
             final = metrics  # reported once the model is exported (below)
             continue
-        _report(tune, metrics, path)
+        _report(tune, _with_objective(metrics, cfg, metric, mode), path)
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -221,9 +243,21 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any]) -> None:
         raise result.error
     summary = write_outputs(cfg, prepared, result, started)
     final = {**(final or {}), COMPLETED: 1, "wall_seconds": summary["wall_seconds"]}
+    final = _with_objective(final, cfg, metric, mode)
     # No checkpoint: the trial's last Tune checkpoint stays a training state (the export is
     # no place to continue from, for PBT cloning this trial or a resumed search).
     _report(tune, final, None)
+
+
+def _with_objective(
+    metrics: dict[str, Any], cfg: RayftConfig, metric: str, mode: str
+) -> dict[str, Any]:
+    """Add `<tune.metric>_within_forgetting` when the search is bounded by forgetting."""
+    limit = cfg.eval.max_forgetting
+    if limit is None or not isinstance(metrics.get(metric), (int, float)):
+        return metrics
+    value = within_forgetting(metrics[metric], metrics.get("forgetting_ratio"), limit, mode)
+    return {**metrics, within_forgetting_key(metric): value}
 
 
 def _report(tune: Any, metrics: dict[str, Any], path: str | None) -> None:
@@ -329,7 +363,8 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     if t.scheduler == "pbt" and not base["checkpoint"]["every_steps"]:
         # PBT clones the state behind a trial's latest report: every report needs one.
         base["checkpoint"]["every_steps"] = base["train"]["eval_every_steps"]
-    trainable = tune.with_resources(functools.partial(run_trial, base=base), {"CPU": DRIVER_CPUS})
+    trial = functools.partial(run_trial, base=base, metric=t.metric, mode=t.resolved_mode)
+    trainable = tune.with_resources(trial, {"CPU": DRIVER_CPUS})
     concurrency = t.max_concurrent_trials or default_concurrency(cfg)
     searches = fs.join(cfg.storage_path, TUNE_DIR)  # resolve_paths made it absolute
     experiment = fs.join(searches, "search")
@@ -352,7 +387,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
             trainable,
             param_space=tune_space(t.search_space, t.search_alg),
             tune_config=tune.TuneConfig(
-                metric=t.metric,
+                metric=objective(cfg),
                 mode=t.resolved_mode,
                 num_samples=t.num_samples,
                 scheduler=scheduler,
@@ -364,6 +399,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
                 name="search",
                 storage_path=searches,
                 failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=tracking.tune_callbacks(cfg),
                 verbose=1,
             ),
         )
@@ -376,13 +412,14 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
 
 def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
     t = cfg.tune
+    metric = objective(cfg)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     sign = 1 if t.resolved_mode == "max" else -1
     rows, curves = [], {}
     for result in results:
         frame = result.metrics_dataframe
         history = [] if frame is None else frame.to_dict("records")
-        scores = [h[t.metric] for h in history if isinstance(h.get(t.metric), (int, float))]
+        scores = [h[metric] for h in history if isinstance(h.get(metric), (int, float))]
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
         if result.error is not None:
@@ -396,8 +433,8 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
             {
                 "trial_id": trial_id,
                 **params,
-                f"best_{t.metric}": max(scores, key=lambda v: sign * v) if scores else None,
-                f"last_{t.metric}": scores[-1] if scores else None,
+                f"best_{metric}": max(scores, key=lambda v: sign * v) if scores else None,
+                f"last_{metric}": scores[-1] if scores else None,
                 "steps": last.get("step"),
                 "evaluations": len(scores),
                 "status": status,
@@ -406,7 +443,7 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
             }
         )
         curves[trial_id] = (
-            [h.get("step") for h in history if t.metric in h],
+            [h.get("step") for h in history if metric in h],
             scores,
             status,
             params,
@@ -416,33 +453,60 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    finished = [r for r in rows if r["status"] == "completed" and r[f"last_{t.metric}"] is not None]
-    summary: dict[str, Any] = {"metric": t.metric, "mode": t.resolved_mode, "trials": len(rows),
+    finished = [r for r in rows if r["status"] == "completed" and r[f"last_{metric}"] is not None]
+    summary: dict[str, Any] = {"metric": metric, "mode": t.resolved_mode, "trials": len(rows),
                                "completed": len(finished),
                                "stopped_early": sum(r["status"] == "stopped" for r in rows),
                                "errored": sum(r["status"] == "error" for r in rows),
                                "trial_steps": sum(r["steps"] or 0 for r in rows)}  # fmt: skip
     if finished:
-        best = max(finished, key=lambda r: sign * r[f"last_{t.metric}"])
+        best = max(finished, key=lambda r: sign * r[f"last_{metric}"])
         summary.update(
             best_trial=best["trial_id"],
             best_config={k: best[k] for k in _flatten(results[0].config or {})},
-            best_metric=best[f"last_{t.metric}"],
+            best_metric=best[f"last_{metric}"],
         )
         shutil.rmtree(os.path.join(out, BEST_DIR), ignore_errors=True)
         shutil.copytree(
             best["output_dir"], os.path.join(out, BEST_DIR), ignore=shutil.ignore_patterns("ray")
         )
+        _best_trial_baseline(cfg, os.path.join(out, BEST_DIR), best["trial_id"])
         with open(os.path.join(out, BEST_DIR, "metrics.json")) as handle:
             best_metrics = json.load(handle)
         summary["best_metrics"] = {
-            k: v for k, v in best_metrics.items() if isinstance(v, (int, float)) or k == "baselines"
+            k: v
+            for k, v in best_metrics.items()
+            if isinstance(v, (int, float)) or k in ("baselines", "forgetting")
         }
     with open(os.path.join(out, "best.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    plot_trials(curves, t.metric, os.path.join(out, "trials.png"))
+    plot_trials(curves, metric, os.path.join(out, "trials.png"))
     _say_summary(summary, out)
     return summary
+
+
+def _best_trial_baseline(cfg: RayftConfig, best_dir: str, trial_id: str) -> None:
+    """The frozen-backbone baseline, once, for the best trial (trials skip it); added to
+    its metrics.json, and its report written again."""
+    from rayft.config import baselines
+    from rayft.data.prepare import check_sources
+    from rayft.trainer import frozen_baseline
+
+    if "frozen" not in baselines(cfg) or cfg.method == "frozen":
+        return
+    trial_cfg = load_config(os.path.join(best_dir, "config.yaml"))
+    trial_cfg = trial_cfg.model_copy(update={"eval": cfg.eval, "output_dir": best_dir})
+    frozen = frozen_baseline(trial_cfg, check_sources(cfg), f"trial-{trial_id}")
+    path = os.path.join(best_dir, "metrics.json")
+    with open(path) as handle:
+        metrics = json.load(handle)
+    metrics.setdefault("baselines", {})["frozen"] = frozen
+    with open(path, "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    if cfg.eval.report:
+        from rayft.report import write_report
+
+        write_report(best_dir)
 
 
 def plot_trials(curves: dict[str, tuple], metric: str, path: str) -> None:

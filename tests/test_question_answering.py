@@ -207,6 +207,9 @@ def toy_qa_config(model: str, data: str, out: Path, **sections) -> dict:
         "deepspeed": {"stage": 2},
         "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_seq_len": 32,
                   "log_every_steps": 20},
+        # Forgetting is measured (the default) through the QA model's backbone; the
+        # frozen baseline, a second run, is left to the classification tests.
+        "eval": {"baselines": ["pretrained"]},
     }  # fmt: skip
     return {**config, **sections}
 

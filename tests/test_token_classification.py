@@ -199,6 +199,7 @@ def test_toy_ner_learns_with_lora_on_zero3(tmp_path, ray_session):
             "deepspeed": {"stage": 3},
             "train": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "log_every_steps": 20},
             "lora": {"r": 8, "alpha": 16},  # target modules: peft's default for BERT
+            "eval": {"baselines": ["majority", "pretrained"]},  # forgetting: measured
         }
     )  # fmt: skip
     metrics = fit(cfg)

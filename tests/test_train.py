@@ -8,13 +8,16 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rayft.config import load_config, validate_config
 from rayft.trainer import fit
 from tests.conftest import base_config
-from tests.fixtures.data import sentiment_rows, write_jsonl
+from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
+from tests.fixtures.models import GENERAL_TEXT, tiny_mlm_bert
 
 METRIC_KEYS = {
     "accuracy",
@@ -50,29 +53,94 @@ def predict(model_dir: Path, texts: list[str]) -> torch.Tensor:
         return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
 
 
-def assert_learned(metrics: dict, out: Path) -> None:
-    steps = history(out)
-    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
-    assert metrics["eval_loss"] < math.log(2) - 0.1
-    assert metrics["accuracy"] > metrics["baselines"]["majority"]["accuracy"] + 0.3
+@pytest.fixture(scope="module")
+def mlm_model(tmp_path_factory) -> str:
+    return tiny_mlm_bert(tmp_path_factory.mktemp("tiny-mlm-bert"), WORDS)
 
 
-def test_full_zero2_uneven_shards_string_labels(tmp_path, ray_session, tiny_model, toy_data):
+def test_full_zero2_baselines_slices_report_and_tracking(
+    tmp_path, ray_session, tiny_model, toy_data
+):
+    """Full fine-tuning on uneven shards with string labels, compared with all three
+    baselines, on an eval set with a planted biased slice, tracked to TensorBoard and an
+    MLflow file store."""
     out = tmp_path / "full"
+    # The eval set: the clean toy rows (slice "a") and rows whose labels are flipped
+    # (slice "b"): a model that learned the task must fail exactly there.
+    clean = [{**r, "group": "a"} for r in read_jsonl(toy_data["eval"])]
+    flipped = [
+        {**r, "group": "b", "label": {"positive": "negative", "negative": "positive"}[r["label"]]}
+        for r in sentiment_rows(24, seed=2)
+    ]
+    eval_file = write_jsonl(tmp_path / "eval-sliced.jsonl", clean + flipped)
     # 6 epochs: the toy sits at ln 2 for a while first. (3 epochs at lr 5e-3 left it there
     # in some runs, eval loss 0.64; 6 at 5e-3 never left it in one; 6 at 2e-3 learned by
     # epoch 2, eval loss 0.003 at the end.)
-    metrics, out = run(base_config(tiny_model, toy_data, out, train={"lr": 2e-3, "epochs": 6}))
+    config = base_config(
+        tiny_model,
+        {**toy_data, "eval": eval_file},
+        out,
+        train={"lr": 2e-3, "epochs": 6},
+        eval={"baselines": ["majority", "frozen", "pretrained"], "general_text": None,
+              "slice_column": "group", "frozen_epochs": 2},
+        tracking={"mlflow": True},
+    )  # fmt: skip
+    metrics, out = run(config)
 
     assert set(metrics) >= METRIC_KEYS
-    assert metrics["baselines"]["majority"]["accuracy"] == 0.5
-    assert_learned(metrics, out)
-    assert metrics["accuracy"] >= 0.9
+    steps = history(out)
+    assert steps[-1]["train_loss"] < steps[1]["train_loss"]
     # 257 rows on 2 workers: one row repeated, nothing dropped, 6 epochs all completed.
     assert metrics["train_samples"] == 6 * 258
     assert metrics["train_rows"] == 257
     # The resolved config is saved and is itself a valid config.
     assert load_config(out / "config.yaml").deepspeed.stage == 2
+
+    # Slices: the clean slice is learned, the planted one is wrong, the gap is flagged.
+    slices = metrics["slices"]
+    assert slices["column"] == "group" and slices["metric"] == "accuracy"
+    assert slices["values"]["a"]["rows"] == 48 and slices["values"]["b"]["rows"] == 24
+    assert slices["values"]["a"]["accuracy"] >= 0.9
+    assert slices["values"]["b"]["accuracy"] <= 0.1
+    assert (slices["best"], slices["worst"]) == ("a", "b")
+    assert slices["gap"] >= 0.8 and slices["exceeded"] is True
+    overall = (48 * slices["values"]["a"]["accuracy"] + 24 * slices["values"]["b"]["accuracy"]) / 72
+    assert math.isclose(metrics["accuracy"], overall)
+
+    # Baselines on the same eval split: majority by counting, the untrained model at
+    # step 0 (also the history's first entry), and a second, head-only run.
+    baselines = metrics["baselines"]
+    assert set(baselines) == {"majority", "frozen", "pretrained"}
+    assert baselines["majority"]["accuracy"] == 0.5
+    assert steps[0]["step"] == 0 and "train_loss" not in steps[0]
+    assert steps[0]["accuracy"] == baselines["pretrained"]["accuracy"]
+    assert baselines["pretrained"]["eval_rows"] == 72
+    assert slices["values"]["a"]["accuracy"] > baselines["pretrained"]["accuracy"]
+    frozen = baselines["frozen"]
+    assert 0.0 <= frozen["accuracy"] <= 1.0 and frozen["epochs"] == 2 and frozen["lr"] == 1e-3
+    assert (Path(frozen["checkpoint_path"]) / "model" / "model.safetensors").is_file()
+
+    # The report and its plots.
+    report = (out / "report.md").read_text()
+    for name in ("report.html", "learning_curves.png", "confusion_matrix.png", "slices.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "frozen" in report and "FLAGGED" in report
+
+    # Tracking: TensorBoard events and the MLflow run hold every report of the workers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_loss")] == [h["step"] for h in steps[1:]]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
+    assert run_info.data.params["train.lr"] == "0.002"
+    assert run_info.info.status == "FINISHED"
+    assert len(client.get_metric_history(run_info.info.run_id, "eval_loss")) == len(steps) - 1
+    assert run_info.data.metrics["final.baselines.frozen.accuracy"] == frozen["accuracy"]
+    assert {a.path for a in client.list_artifacts(run_info.info.run_id)} >= {"report.md"}
 
     # The saved model reloads and predicts exactly what the run's final evaluation did.
     model_dir = out / "model"
@@ -80,7 +148,7 @@ def test_full_zero2_uneven_shards_string_labels(tmp_path, ray_session, tiny_mode
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert (model_dir / "model.safetensors").is_file()
     predicted = read_jsonl(out / "eval_predictions.jsonl")
-    texts = [read_jsonl(toy_data["eval"])[p["line"] - 1]["text"] for p in predicted]
+    texts = [read_jsonl(eval_file)[p["line"] - 1]["text"] for p in predicted]
     probs = torch.softmax(predict(model_dir, texts), -1)
     assert [config["id2label"][str(i)] for i in probs.argmax(-1).tolist()] == [
         p["prediction"] for p in predicted
@@ -90,19 +158,34 @@ def test_full_zero2_uneven_shards_string_labels(tmp_path, ray_session, tiny_mode
     )
 
 
-def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session, tiny_model):
-    """Also labels given as integers (0 / 1): they name the classes as strings."""
+@pytest.fixture(scope="module")
+def bare_backbone(tmp_path_factory, mlm_model) -> str:
+    """The same pretrained body without its masked-LM head (as sentence-transformers
+    checkpoints come): forgetting is then scored through a probe."""
+    from transformers import AutoTokenizer, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bare-bert")
+    BertModel.from_pretrained(mlm_model).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(mlm_model).save_pretrained(directory)
+    return str(directory)
+
+
+def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session, bare_backbone):
+    """Also labels given as integers (0 / 1): they name the classes as strings. The body is
+    frozen, so the general text scores the same before and after (through a probe: the
+    tiny checkpoint has no masked-LM head)."""
     data = {
         "train": write_jsonl(tmp_path / "train.jsonl", sentiment_rows(257, seed=0, labels=(0, 1))),
         "eval": write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(48, seed=1, labels=(0, 1))),
     }
     config = base_config(
-        tiny_model,
+        bare_backbone,
         data,
         tmp_path / "frozen",
         method="frozen",
         deepspeed={"stage": 3},
         train={"lr": 5e-2, "epochs": 3, "grad_accum": 2, "lr_schedule": "cosine"},
+        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "probe_steps": 100},
     )
     metrics, out = run(config)
     steps = history(out)
@@ -115,8 +198,57 @@ def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session,
     assert config["id2label"] == {"0": "0", "1": "1"}
 
     trained = load_file(out / "model/model.safetensors")
-    pretrained = load_file(Path(tiny_model) / "model.safetensors")
+    pretrained = load_file(Path(bare_backbone) / "model.safetensors")
     body = {k: v for k, v in trained.items() if not k.startswith("classifier.")}
     assert body, "the exported model has a body"
     for name, value in body.items():
         assert torch.equal(value, pretrained[name.removeprefix("bert.")]), name
+
+    # Forgetting: nothing to forget with a frozen body, at every evaluation.
+    forgetting = metrics["forgetting"]
+    assert forgetting["head"] == "probe" and forgetting["measure"] == "mlm_loss"
+    assert forgetting["tokens"] > 400  # 15% of 4096 tokens, less the special ones
+    assert abs(forgetting["ratio"] - 1.0) < 1e-4
+    assert all(abs(h["forgetting_ratio"] - 1.0) < 1e-4 for h in steps)
+    # The run is the frozen baseline itself: fuller methods are suggested, not run.
+    assert "frozen" not in metrics["baselines"] and "lora" in metrics["baselines_note"]
+    assert "probe" in (out / "report.md").read_text()
+
+
+def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
+    tmp_path, ray_session, mlm_model, toy_data
+):
+    """A backbone with a real masked-LM head (pretrained on the general text) fine-tuned
+    at a learning rate far too high: its general-text loss rises, the run is flagged and
+    `rayft train` exits with 3; checkpoints within the limit rank first."""
+    from rayft.cli import main
+
+    config = base_config(
+        mlm_model,
+        toy_data,
+        tmp_path / "overtrained",
+        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 2},
+        checkpoint={"every_steps": 2, "keep": 20},
+        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
+              "baselines": ["pretrained"]},
+    )  # fmt: skip
+    path = tmp_path / "overtrained.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 3
+
+    out = tmp_path / "overtrained"
+    metrics = json.loads((out / "metrics.json").read_text())
+    forgetting = metrics["forgetting"]
+    assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
+    assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
+    steps = history(out)
+    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.1
+    # The selected checkpoint: the lowest eval loss among those within the limit, if any.
+    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.1]
+    selected = metrics["selected_checkpoint"]
+    if within:
+        best = min(within, key=lambda h: h["eval_loss"])
+        assert selected["step"] == best["step"] and selected["within_forgetting"] is True
+    else:
+        assert selected["within_forgetting"] is False
+    assert "FLAGGED" in (out / "report.md").read_text()

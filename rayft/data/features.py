@@ -16,7 +16,7 @@ from rayft.config import RayftConfig
 from rayft.data import fs
 from rayft.tasks import get_task
 
-PROVENANCE = ("_pad", "_source", "_line")  # rides along, unused by the model
+PROVENANCE = ("_pad", "_source", "_line", "_slice")  # rides along, unused by the model
 
 
 @functools.lru_cache(maxsize=8)

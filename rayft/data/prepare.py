@@ -43,7 +43,7 @@ from rayft.data.read import BLANK, DataError, expand_sources, peek_columns, read
 from rayft.tasks import Task, get_task
 from rayft.tasks.common import canonical_label, sort_labels
 
-PREPARE_VERSION = 3
+PREPARE_VERSION = 4
 SPLITS = ("train", "eval", "test")
 REJECTED, FILTERED, DEDUPLICATED = "rejected", "filtered", "deduplicated"
 META_FILE = "prepared.json"
@@ -173,6 +173,7 @@ def _annotated_schema(task: Task) -> pa.Schema:
             ("_truncated", pa.string()),
             ("_cleaned", pa.list_(pa.string())),
             ("_dedup", pa.string()),
+            ("_slice", pa.string()),
             *task.fields.items(),
         ]
     )
@@ -181,7 +182,9 @@ def _annotated_schema(task: Task) -> pa.Schema:
 class _Row:
     """One record on its way through annotation (plain attributes, no per-row dicts)."""
 
-    __slots__ = ("part", "reason", "fields", "split", "truncated", "cleaned", "chars", "tokens")
+    __slots__ = (
+        "part", "reason", "fields", "split", "truncated", "cleaned", "chars", "tokens", "slice",
+    )  # fmt: skip
 
     def __init__(self, reason: str | None, fields: dict | None, split: str):
         self.reason, self.fields, self.split = reason, fields, split
@@ -189,6 +192,7 @@ class _Row:
         self.truncated: str | None = None
         self.cleaned: list[str] = []
         self.chars = self.tokens = None
+        self.slice: str | None = None
 
     def reject(self, reason: str, part: str = REJECTED) -> None:
         self.reason, self.part = reason, part
@@ -204,7 +208,9 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
     for record_json, reason in zip(
         table.column("_record").to_pylist(), table.column("_reason").to_pylist(), strict=True
     ):
-        rows.append(_annotate_record(record_json, reason, task, data, split, carve))
+        rows.append(
+            _annotate_record(record_json, reason, task, data, split, carve, cfg.eval.slice_column)
+        )
     _token_filters(rows, task, cfg)
     texts = [
         _joined_text(task, r.fields) if r.part not in (REJECTED, "blank") else None for r in rows
@@ -237,6 +243,7 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
         "_truncated": [r.truncated for r in rows],
         "_cleaned": [r.cleaned for r in rows],
         "_dedup": [None] * len(rows),
+        "_slice": [r.slice for r in rows],
     }
     for name in task.fields:
         out[name] = [None if r.fields is None else r.fields.get(name) for r in rows]
@@ -256,6 +263,7 @@ def _annotate_record(
     data: DataConfig,
     split: str,
     carve: dict[str, float] | None,
+    slice_column: str | None = None,
 ) -> _Row:
     if reason is not None:
         row = _Row(reason, None, split)
@@ -269,6 +277,9 @@ def _annotate_record(
     if fields is None:
         row.part = REJECTED
         return row
+    if slice_column is not None:  # eval.slice_column: kept as text, missing as null
+        value = record.get(slice_column)
+        row.slice = None if value is None else str(value)
     group = None
     if carve and data.split_by:
         group = record.get(data.split_by)
@@ -476,6 +487,7 @@ def cache_key(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
         "task": cfg.task,
         "data": cfg.data.model_dump(mode="json", exclude=not_in_key),
         "tokenizer": [m.tokenizer or m.name_or_path, m.revision, max_tokens(cfg)],
+        "slice_column": cfg.eval.slice_column,
         "files": {split: [fs.fingerprint(p) for p in paths] for split, paths in files.items()},
     }
     blob = json.dumps(payload, sort_keys=True).encode()

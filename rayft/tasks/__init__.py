@@ -70,11 +70,27 @@ class Task:
     generate: Callable[[Any, list[dict], Any, RayftConfig], list[dict]] | None = None
     # rank 0's per-feature prediction rows -> one row per example, for the predictions file
     per_example: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    # `rayft predict` / `rayft eval` (rayft.inference) from here on.
+    # Config fields among `columns` that name what is learned (label, tags, answers):
+    # prediction does not need them.
+    label_columns: tuple[str, ...] = ()
+    # record -> the model's inputs only, checked as `extract` checks them; a missing (or
+    # unusable) label, tag list, answer or response is no reason to reject the record
+    extract_inputs: (
+        Callable[[dict[str, Any], DataConfig], tuple[dict[str, Any] | None, str | None]] | None
+    ) = None
+    # (one row's prediction, the row's fields, labels) -> the columns `rayft predict` adds,
+    # named in `prediction_columns`
+    present: Callable[[Any, dict[str, Any], list[str]], dict[str, Any]] | None = None
+    prediction_columns: tuple[str, ...] = ()
+    # generative tasks: (model, rows, tokenizer, config) -> per-row predictions of `rayft
+    # predict` (greedy answers), instead of `tokenize` -> forward -> `predict`
+    generate_rows: Callable[[Any, dict[str, np.ndarray], Any, RayftConfig], list[Any]] | None = None
 
     @property
     def row_columns(self) -> list[str]:
         """What is read back from prepared shards: the task's fields and provenance."""
-        return [*self.fields, "_source", "_line"]
+        return [*self.fields, "_source", "_line", "_slice"]
 
 
 def get_task(name: str) -> Task:

@@ -36,6 +36,29 @@ ROLES = ("system", "user", "assistant")
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
     """-> `messages` (JSON list of {role, content}) plus `text` (every turn, for cleaning
     statistics and deduplication). Prompt / instruction rows become user + assistant."""
+    return _fields(*conversation(record, data, answered=True))
+
+
+def extract_inputs(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    """`extract` for `rayft predict`: the response may be missing (it is what is asked)."""
+    return _fields(*conversation(record, data, answered=False))
+
+
+def _fields(turns: list[dict] | None, reason: str | None) -> tuple[dict | None, str | None]:
+    if turns is None:
+        return None, reason
+    return {
+        "text": "\n".join(t["content"] for t in turns),
+        "messages": json.dumps(turns, ensure_ascii=False),
+    }, None
+
+
+def conversation(
+    record: dict[str, Any], data: DataConfig, *, answered: bool
+) -> tuple[list[dict[str, str]] | None, str | None]:
+    """The record as turns, or why it cannot be one. `answered`: the response must be
+    there (training); otherwise prompt and instruction rows are read without it, and a
+    chat row needs no assistant turn."""
     if data.messages_column in record:
         messages = record[data.messages_column]
         if not isinstance(messages, list) or not messages:
@@ -47,36 +70,29 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
             if m.get("role") not in ROLES:
                 return None, "message_role_not_system_user_assistant"
             turns.append({"role": m["role"], "content": m["content"]})
-        if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+        if answered and not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
             return None, "no_assistant_turn"
-    elif data.instruction_column in record:
-        instruction, output = record[data.instruction_column], record.get(data.output_column)
-        given = record.get(data.input_column) or ""
+        return turns, None
+    if data.instruction_column in record:
+        instruction, given = record[data.instruction_column], record.get(data.input_column) or ""
+        output = record.get(data.output_column) if answered else ""
         if not all(isinstance(x, str) for x in (instruction, output, given)):
             return None, "instruction_input_or_output_not_a_string"
-        if not instruction.strip() or not output.strip():
+        if not instruction.strip() or (answered and not output.strip()):
             return None, "empty_instruction_or_output"
-        turns = [
-            {"role": "user", "content": render_instruction(instruction, given, data)},
-            {"role": "assistant", "content": output},
-        ]
+        user = {"role": "user", "content": render_instruction(instruction, given, data)}
     elif data.prompt_column in record:
-        prompt, response = record[data.prompt_column], record.get(data.response_column)
-        if not isinstance(prompt, str) or not isinstance(response, str):
+        prompt = record[data.prompt_column]
+        output = record.get(data.response_column) if answered else ""
+        if not isinstance(prompt, str) or not isinstance(output, str):
             return None, "prompt_or_response_not_a_string"
-        if not response.strip():
+        if answered and not output.strip():
             return None, "empty_response"
         template = data.prompt_template or "{prompt}"
-        turns = [
-            {"role": "user", "content": template.format(prompt=prompt)},
-            {"role": "assistant", "content": response},
-        ]
+        user = {"role": "user", "content": template.format(prompt=prompt)}
     else:
         return None, "no_prompt_instruction_or_messages"
-    return {
-        "text": "\n".join(t["content"] for t in turns),
-        "messages": json.dumps(turns, ensure_ascii=False),
-    }, None
+    return [user, {"role": "assistant", "content": output}] if answered else [user], None
 
 
 def render_instruction(instruction: str, given: str, data: DataConfig) -> str:
@@ -139,6 +155,16 @@ def prompt_text(turns: list[dict[str, str]], tokenizer: Any, data: DataConfig) -
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     pieces = segments(turns[: last + 1], tokenizer, data)
     return "".join(text for text, _ in pieces[:-1])
+
+
+def generation_prompt(turns: list[dict[str, str]], tokenizer: Any, data: DataConfig) -> str:
+    """`prompt_text` of a conversation that may not end with an assistant turn (`rayft
+    predict`): then the model is asked for the next one."""
+    if turns[-1]["role"] != "assistant":
+        # A stand-in answer, cut off again by `prompt_text`: everything before it is the
+        # prompt, rendered exactly as training renders the turns before an answer.
+        turns = [*turns, {"role": "assistant", "content": "..."}]
+    return prompt_text(turns, tokenizer, data)
 
 
 def encode(row_turns: list[dict[str, str]], tokenizer: Any, cfg: RayftConfig) -> tuple[list, list]:
@@ -332,6 +358,14 @@ def sample_prompts(rows: list[dict[str, Any]], tokenizer: Any, cfg: RayftConfig)
     return prompts
 
 
+def prompt_ids(prompt: str, tokenizer: Any, cfg: RayftConfig) -> list[int]:
+    """A prompt's token ids as generation reads them: BOS when the tokenizer adds one, and
+    only the end of a prompt too long to leave room for `generate.max_new_tokens`."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids[-max(1, max_tokens(cfg) - cfg.generate.max_new_tokens) :]
+
+
 def generate(engine: Any, prompts: list[dict], tokenizer: Any, cfg: RayftConfig) -> list[dict]:
     """Greedy answers to `prompts`, on every rank in step (ZeRO-3 shards the weights, so
     each forward is collective: `synced_gpus` keeps ranks going until all are done)."""
@@ -340,12 +374,11 @@ def generate(engine: Any, prompts: list[dict], tokenizer: Any, cfg: RayftConfig)
     model = engine.module
     model.eval()
     synced = cfg.deepspeed.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
     answers = []
     for sample in prompts:
-        ids = bos + tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]
-        ids = ids[-max(1, max_tokens(cfg) - cfg.generate.max_new_tokens) :]  # keep the end
-        input_ids = torch.tensor([ids], device=engine.device)
+        input_ids = torch.tensor(
+            [prompt_ids(sample["prompt"], tokenizer, cfg)], device=engine.device
+        )
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids,
@@ -359,6 +392,39 @@ def generate(engine: Any, prompts: list[dict], tokenizer: Any, cfg: RayftConfig)
         text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
         answers.append({**sample, "generation": text})
     return answers
+
+
+def generate_rows(
+    model: Any, batch: dict[str, np.ndarray], tokenizer: Any, cfg: RayftConfig
+) -> list[str]:
+    """`rayft predict`: greedy answers to a batch of rows at once, prompts built as
+    `sample_prompts` builds them and padded on the left (generation continues every row
+    from its last token; positions follow the attention mask)."""
+    prompts = [
+        prompt_ids(generation_prompt(json.loads(m), tokenizer, cfg.data), tokenizer, cfg)
+        for m in batch["messages"]
+    ]
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            max_new_tokens=cfg.generate.max_new_tokens,
+            do_sample=False,
+            use_cache=True,  # the export keeps training's use_cache=False in its config
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def present(prediction: Any, row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    return {"generation": prediction}
 
 
 TASK = Task(
@@ -384,4 +450,8 @@ TASK = Task(
     check_model=check_packing,
     sample_prompts=sample_prompts,
     generate=generate,
+    extract_inputs=extract_inputs,
+    present=present,
+    prediction_columns=("generation",),
+    generate_rows=generate_rows,
 )

@@ -14,7 +14,7 @@ from rayft.tasks import Task
 from rayft.tasks.common import canonical_label, label_head_kwargs, pad_sequences
 
 
-def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+def extract_inputs(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
     text = record.get(data.text_column)
     if text is None:
         return None, "missing_text"
@@ -29,6 +29,13 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
             return None, "missing_text_pair"
         if not isinstance(pair, str):
             return None, "text_pair_not_a_string"
+    return {"text": text, "text_pair": pair}, None
+
+
+def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    fields, reason = extract_inputs(record, data)
+    if fields is None:
+        return None, reason
     raw_label = record.get(data.label_column)
     if raw_label is None:
         return None, "missing_label"
@@ -37,7 +44,7 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
         return None, "invalid_label"
     if data.labels is not None and label not in {canonical_label(x) for x in data.labels}:
         return None, "label_not_allowed"
-    return {"text": text, "text_pair": pair, "label": label}, None
+    return {**fields, "label": label}, None
 
 
 def tokenize(
@@ -50,10 +57,9 @@ def tokenize(
         truncation=True,
         max_length=max_tokens(cfg),
     )
-    out = {
-        "input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
-        "labels": np.asarray([label2id[label] for label in batch["label"]], dtype=np.int64),
-    }
+    out = {"input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]}
+    if "label" in batch:  # absent when predicting
+        out["labels"] = np.asarray([label2id[label] for label in batch["label"]], dtype=np.int64)
     if "token_type_ids" in enc:
         out["token_type_ids"] = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
     return out
@@ -61,11 +67,9 @@ def tokenize(
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": torch.tensor(np.asarray(batch["labels"], dtype=np.int64)),
-    }
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "labels" in batch:
+        out["labels"] = torch.tensor(np.asarray(batch["labels"], dtype=np.int64))
     if "token_type_ids" in batch:
         out["token_type_ids"], _ = pad_sequences(batch["token_type_ids"], 0)
     return out
@@ -114,6 +118,11 @@ def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def present(prediction: Any, row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    label_id, score = prediction
+    return {"prediction": labels[label_id], "score": score}
+
+
 def columns(data: DataConfig) -> dict[str, str]:
     needed = {"data.text_column": data.text_column, "data.label_column": data.label_column}
     if data.text_pair_column:
@@ -139,4 +148,8 @@ TASK = Task(
     columns=columns,
     baseline=majority_baseline,
     metric_names=("accuracy", "precision", "recall", "f1"),
+    label_columns=("data.label_column",),
+    extract_inputs=extract_inputs,
+    present=present,
+    prediction_columns=("prediction", "score"),
 )

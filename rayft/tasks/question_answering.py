@@ -51,7 +51,7 @@ def locate(context: str, text: str, start: int) -> int | None:
     return min(found, key=lambda i: abs(i - start)) if found else None
 
 
-def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+def extract_inputs(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
     question = record.get(data.question_column)
     context = record.get(data.context_column)
     if question is None:
@@ -62,6 +62,14 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
         return None, "question_or_context_not_a_string"
     if not question.strip() or not context.strip():
         return None, "empty_question_or_context"
+    return {"question": question, "context": context}, None
+
+
+def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    fields, reason = extract_inputs(record, data)
+    if fields is None:
+        return None, reason
+    context = fields["context"]
     answers = _answer_list(record.get(data.answers_column))
     if answers is None:
         return None, "answers_not_squad_style"
@@ -80,12 +88,7 @@ def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str 
             return None, "answer_not_in_context"
         texts.append(text)
         starts.append(where)
-    return {
-        "question": question,
-        "context": context,
-        "answer_texts": texts,
-        "answer_starts": starts,
-    }, None
+    return {**fields, "answer_texts": texts, "answer_starts": starts}, None
 
 
 # ---------------------------------------------------------------------- tokenization
@@ -114,44 +117,38 @@ def tokenize(
     )
     cls_id = tokenizer.cls_token_id
     sources, lines = batch["_source"], batch["_line"]
-    out: dict[str, list[Any]] = {
-        name: []
-        for name in (
-            "input_ids",
-            "start_positions",
-            "end_positions",
-            "offset_start",
-            "offset_end",
-            "example_id",
-            "context",
-            "answers",
-            "_row",
-        )
-    }
+    labelled = "answer_texts" in batch  # absent when predicting
+    names = ["input_ids", "offset_start", "offset_end", "example_id", "context", "_row"]
+    if labelled:
+        names += ["start_positions", "end_positions", "answers"]
     if "token_type_ids" in enc:
-        out["token_type_ids"] = []
+        names.append("token_type_ids")
+    out: dict[str, list[Any]] = {name: [] for name in names}
     for i, row in enumerate(enc["overflow_to_sample_mapping"]):
         ids = enc["input_ids"][i]
         in_context = np.asarray([s == 1 for s in enc.sequence_ids(i)])
         offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
         starts = np.where(in_context, offsets[:, 0], NO_OFFSET).astype(np.int32)
         ends = np.where(in_context, offsets[:, 1], NO_OFFSET).astype(np.int32)
-        first_text, first_start = batch["answer_texts"][row][0], batch["answer_starts"][row][0]
-        span = token_span(starts, ends, int(first_start), int(first_start) + len(first_text))
-        null = ids.index(cls_id) if cls_id in ids else 0
         out["input_ids"].append(np.asarray(ids, dtype=np.int32))
-        out["start_positions"].append(span[0] if span else null)
-        out["end_positions"].append(span[1] if span else null)
         out["offset_start"].append(starts)
         out["offset_end"].append(ends)
         out["example_id"].append(f"{sources[row]}:{lines[row]}")
         out["context"].append(contexts[row])
-        out["answers"].append([str(a) for a in batch["answer_texts"][row]])
         out["_row"].append(row)
+        if labelled:
+            first_text, first_start = batch["answer_texts"][row][0], batch["answer_starts"][row][0]
+            begin = int(first_start)
+            span = token_span(starts, ends, begin, begin + len(first_text))
+            null = ids.index(cls_id) if cls_id in ids else 0
+            out["start_positions"].append(span[0] if span else null)
+            out["end_positions"].append(span[1] if span else null)
+            out["answers"].append([str(a) for a in batch["answer_texts"][row]])
         if "token_type_ids" in out:
             out["token_type_ids"].append(np.asarray(enc["token_type_ids"][i], dtype=np.int8))
-    out["start_positions"] = np.asarray(out["start_positions"], dtype=np.int64)
-    out["end_positions"] = np.asarray(out["end_positions"], dtype=np.int64)
+    if labelled:
+        out["start_positions"] = np.asarray(out["start_positions"], dtype=np.int64)
+        out["end_positions"] = np.asarray(out["end_positions"], dtype=np.int64)
     out["_row"] = np.asarray(out["_row"], dtype=np.int64)
     return out
 
@@ -174,11 +171,12 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "start_positions": torch.tensor(np.asarray(batch["start_positions"], dtype=np.int64)),
-        "end_positions": torch.tensor(np.asarray(batch["end_positions"], dtype=np.int64)),
         "_offset_start": offset_start,
         "_offset_end": offset_end,
     }
+    for name in ("start_positions", "end_positions"):  # absent when predicting
+        if name in batch:
+            out[name] = torch.tensor(np.asarray(batch[name], dtype=np.int64))
     if "token_type_ids" in batch:
         out["token_type_ids"], _ = pad_sequences(batch["token_type_ids"], 0)
     return out
@@ -332,6 +330,15 @@ def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def present(prediction: Any, row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """The best window's answer, cut from the context, and its score (start + end logit);
+    an empty answer and no score when no window holds a valid span."""
+    if prediction is None:
+        return {"answer": "", "score": None}
+    score, begin, end = prediction
+    return {"answer": str(row["context"])[begin:end], "score": score}
+
+
 def columns(data: DataConfig) -> dict[str, str]:
     return {
         "data.question_column": data.question_column,
@@ -368,4 +375,8 @@ TASK = Task(
     windows_long_rows=True,
     near_dedup=False,
     per_example=per_example,
+    label_columns=("data.answers_column",),
+    extract_inputs=extract_inputs,
+    present=present,
+    prediction_columns=("answer", "score"),
 )

@@ -17,30 +17,38 @@ import torch
 from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
 from rayft.tasks.common import IGNORE_INDEX, label_head_kwargs, pad_sequences
-from rayft.tasks.entities import check_tags, entity_scores
+from rayft.tasks.entities import check_tags, entity_scores, spans
+
+
+def extract_inputs(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
+    tokens = record.get(data.tokens_column)
+    if tokens is None:
+        return None, "missing_tokens"
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        return None, "tokens_not_a_list_of_strings"
+    if not tokens:
+        return None, "no_tokens"
+    # `text` stands for the sentence in cleaning statistics, length filters and dedup.
+    return {"text": " ".join(tokens), "tokens": tokens}, None
 
 
 def extract(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
-    tokens, tags = record.get(data.tokens_column), record.get(data.tags_column)
-    if tokens is None:
-        return None, "missing_tokens"
+    fields, reason = extract_inputs(record, data)
+    if fields is None:
+        return None, reason
+    tags = record.get(data.tags_column)
     if tags is None:
         return None, "missing_tags"
-    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
-        return None, "tokens_not_a_list_of_strings"
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         return None, "tags_not_a_list_of_strings"
-    if not tokens:
-        return None, "no_tokens"
-    if len(tokens) != len(tags):
+    if len(fields["tokens"]) != len(tags):
         return None, "tokens_and_tags_differ_in_length"
     tags = [t.strip() for t in tags]
     if check_tags(tags, data.tag_scheme) is not None:
         return None, f"tag_not_{data.tag_scheme}"
     if data.labels is not None and not set(tags) <= {str(x) for x in data.labels}:
         return None, "label_not_allowed"
-    # `text` stands for the sentence in cleaning statistics, length filters and dedup.
-    return {"text": " ".join(tokens), "tokens": tokens, "tags": tags}, None
+    return {**fields, "tags": tags}, None
 
 
 def _continuation(tag: str, label2id: dict[str, int]) -> str:
@@ -60,13 +68,15 @@ def tokenize(
         )
     words = [[str(w) for w in row] for row in batch["tokens"]]
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_tokens(cfg))
+    labelled = "tags" in batch  # absent when predicting
     input_ids, labels, word_pos, gold = [], [], [], []
-    for i, tags in enumerate(batch["tags"]):
-        ids = [label2id[t] for t in tags]
+    for i in range(len(words)):
+        tags = batch["tags"][i] if labelled else None
+        ids = [label2id[t] for t in tags] if labelled else []
         row_labels, row_pos, previous = [], [], None
         for word in enc.word_ids(i):
             first = word is not None and word != previous
-            if word is None:
+            if word is None or not labelled:
                 row_labels.append(IGNORE_INDEX)
             elif first:
                 row_labels.append(ids[word])
@@ -80,20 +90,20 @@ def tokenize(
         labels.append(np.asarray(row_labels, dtype=np.int64))
         word_pos.append(np.asarray(row_pos, dtype=np.int32))
         gold.append(np.asarray(ids, dtype=np.int32))
-    return {"input_ids": input_ids, "labels": labels, "word_pos": word_pos, "gold": gold}
+    out = {"input_ids": input_ids, "word_pos": word_pos}
+    if labelled:
+        out.update(labels=labels, gold=gold)
+    return out
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
-    labels, _ = pad_sequences(batch["labels"], IGNORE_INDEX)
     word_pos, _ = pad_sequences(batch["word_pos"], 0)
     # Keys starting with "_" are for `predict`, not the model.
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "_word_pos": word_pos,
-    }
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "_word_pos": word_pos}
+    if "labels" in batch:
+        out["labels"], _ = pad_sequences(batch["labels"], IGNORE_INDEX)
+    return out
 
 
 def auto_class() -> Any:
@@ -158,6 +168,18 @@ def describe(row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def present(prediction: Any, row: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """`predicted_tags`, one per word, and the `entities` they mark: {type, text, start,
+    end} with `start` and `end` word indices as in a slice (`tokens[start:end]`)."""
+    words = [str(w) for w in row["tokens"]]
+    tags = word_tags(prediction, len(words), labels)
+    entities = [
+        {"type": kind, "text": " ".join(words[first : last + 1]), "start": first, "end": last + 1}
+        for kind, first, last in spans(tags)
+    ]
+    return {"entities": entities, "predicted_tags": tags}
+
+
 def columns(data: DataConfig) -> dict[str, str]:
     return {"data.tokens_column": data.tokens_column, "data.tags_column": data.tags_column}
 
@@ -184,4 +206,8 @@ TASK = Task(
     columns=columns,
     baseline=baseline,
     metric_names=("precision", "recall", "f1", "token_accuracy"),
+    label_columns=("data.tags_column",),
+    extract_inputs=extract_inputs,
+    present=present,
+    prediction_columns=("entities", "predicted_tags"),
 )
