@@ -402,6 +402,14 @@ class CheckpointSection(_Section):
 BASELINES = ("majority", "frozen", "pretrained")
 # What each task can be compared with: `majority` needs class labels to count, `frozen`
 # needs a new head to train on a frozen body (causal_lm's output layer is pretrained).
+# `pretrained` scores the model before any update: for a task with a new head that is a
+# random head (chance level), so it is computed by default only for causal_lm.
+DEFAULT_BASELINES = {
+    "sequence_classification": ("majority", "frozen"),
+    "token_classification": ("majority", "frozen"),
+    "question_answering": ("frozen",),
+    "causal_lm": ("pretrained",),
+}
 TASK_BASELINES = {
     "sequence_classification": ("majority", "frozen", "pretrained"),
     "token_classification": ("majority", "frozen", "pretrained"),
@@ -417,9 +425,9 @@ class EvalSection(_Section):
         description="What the fine-tuned model is compared with on the same eval split: "
         "`majority` (always the most frequent training label), `frozen` (a fresh head "
         "trained on the frozen backbone: a second, cheap run), `pretrained` (the model "
-        "before any update: for causal_lm its perplexity). Unset: every one the task "
-        "supports (classification and NER all three, QA frozen and pretrained, causal_lm "
-        "pretrained). When the run itself is `frozen`, the frozen baseline is the run and "
+        "before any update: for causal_lm its perplexity; for tasks with a new head, chance "
+        "level). Unset: majority and frozen for classification and NER, frozen for QA, "
+        "pretrained for causal_lm. When the run itself is `frozen`, the frozen baseline is the run and "
         "full or LoRA fine-tuning is suggested in the report instead.",
     )
     frozen_epochs: int | None = Field(
@@ -699,6 +707,11 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
                 f"eval.baselines: {cfg.task} has no '{name}' baseline (it has "
                 f"{', '.join(allowed)}); remove it"
             )
+    if cfg.eval.slice_column and cfg.task == "causal_lm" and d.packing:
+        problems.append(
+            "eval.slice_column with data.packing: a packed sequence holds rows of several "
+            "slices; set data.packing=false to compare slices"
+        )
     if cfg.eval.slice_metric and cfg.eval.slice_column is None:
         problems.append("eval.slice_metric is set but eval.slice_column is not: name the column")
     if cfg.data.text_pair_column and cfg.data.text_pair_column == cfg.data.text_column:
@@ -707,8 +720,9 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
 
 
 def baselines(cfg: RayftConfig) -> list[str]:
-    """The baselines this run computes: `eval.baselines`, or all that the task has."""
-    return list(cfg.eval.baselines if cfg.eval.baselines is not None else TASK_BASELINES[cfg.task])
+    """The baselines this run computes: `eval.baselines`, or the task's defaults."""
+    chosen = cfg.eval.baselines
+    return list(chosen if chosen is not None else DEFAULT_BASELINES[cfg.task])
 
 
 def max_tokens(cfg: RayftConfig) -> int:

@@ -61,9 +61,12 @@ def slice_metrics(
     task: Task,
     labels: list[str],
     cfg: RayftConfig,
+    examples: list[Any] | None = None,
 ) -> dict[str, Any]:
     """The task's metrics per value of `eval.slice_column`, and the largest gap of the
-    slice metric between slices with at least `eval.min_slice_rows` rows."""
+    slice metric between slices with at least `eval.min_slice_rows` rows. `examples`
+    names each prediction's row (QA windows of one question share it), so `rows` counts
+    rows, not windows."""
     metric = primary_metric(cfg, task)
     groups: dict[str, list[int]] = {}
     for i, value in enumerate(slices):
@@ -72,7 +75,7 @@ def slice_metrics(
     for value, index in sorted(groups.items()):
         scores = task.compute_metrics([preds[i] for i in index], [refs[i] for i in index], labels)
         values[value] = {
-            "rows": len(index),
+            "rows": len({examples[i] for i in index}) if examples else len(index),
             **{k: v for k, v in scores.items() if isinstance(v, (int, float))},
         }
     compared = {v: s[metric] for v, s in values.items() if s["rows"] >= cfg.eval.min_slice_rows}

@@ -1,13 +1,16 @@
 """Catastrophic forgetting: how well the backbone still models general-domain text.
 
-Before fine-tuning and at every evaluation, every worker scores its share of a fixed
-set of general-text sequences (`eval.general_text`) and the shares are summed:
+Before fine-tuning and at every evaluation, every worker scores the same fixed set of
+general-text sequences (`eval.general_text`, read once by the driver: a few thousand
+tokens, so every rank simply scores them all, and runs the same forward passes, which
+ZeRO-3's collective weight gathering needs):
 
 - encoders: masked-LM loss, 15% of the tokens masked with a fixed seed (BERT's 80/10/10),
   predicted from the backbone's last hidden states by the checkpoint's own masked-LM head;
   when the checkpoint has none (a bare `BertModel`, sentence-transformers models), by a
   probe: a small head (dense, GELU, LayerNorm, then the pretrained input embeddings as
-  the output layer) trained on the frozen pretrained backbone first, then frozen;
+  the output layer) trained on the frozen pretrained backbone first, on one half of the
+  sequences, then frozen; the other half is scored;
 - decoders: perplexity, from the model itself (causal_lm) or from the backbone's last
   hidden states and the checkpoint's own LM head (a decoder with a classification head).
 
@@ -19,12 +22,11 @@ so the figures differ only by what training did to the backbone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from rayft.config import RayftConfig
@@ -33,7 +35,7 @@ from rayft.tasks.common import IGNORE_INDEX
 MASK_FRACTION = 0.15
 MASK_SEED = 0
 PROBE_LR = 2e-3
-PROBE_BATCH = 256  # target tokens per probe step and rank
+PROBE_BATCH = 256  # target tokens per probe step
 PROBE_FILE = "forgetting_probe.pt"
 
 Kind = Literal["mlm", "clm"]
@@ -57,41 +59,45 @@ class ProbeHead(torch.nn.Module):
 
 @dataclass
 class Forgetting:
-    """The fixed general-text batches and the head that scores them on this rank."""
+    """The fixed general-text batches and the head that scores them."""
 
     kind: Kind
     head_source: Literal["pretrained", "probe", "model"]
     head: torch.nn.Module | None  # None: the model's own output layer (causal_lm)
-    batches: list[tuple[dict[str, torch.Tensor], bool]]  # this rank's share; False: padding
-    tokens: int  # scored tokens over all ranks
+    batches: list[dict[str, torch.Tensor]]  # scored before training and at every eval
+    tokens: int  # scored tokens
     text: str
+    probe_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    note: str | None = None  # why a probe scores this backbone
 
     @property
     def measure(self) -> str:
         return "mlm_loss" if self.kind == "mlm" else "perplexity"
 
+    def value(self, loss: float) -> float:
+        """The reported figure for a mean token loss: the loss itself for masked LM, the
+        perplexity for decoders (capped where exp would overflow)."""
+        return math.exp(min(loss, 700.0)) if self.kind == "clm" else loss
+
     def ratio(self, before: float, after: float) -> float:
-        """after / before of the measure: losses for masked LM, perplexities for decoders
-        (the exponential of the difference of the mean token losses)."""
-        if self.kind == "clm":
-            return math.exp(after - before)
+        """after / before of `value` (losses, or perplexities); NaN when a loss is."""
+        before, after = self.value(before), self.value(after)
+        if not (math.isfinite(before) and math.isfinite(after)):
+            return float("nan")
         return after / before if before > 0 else float("inf")
 
     def loss(self, module: torch.nn.Module, device: torch.device) -> float:
-        """Mean loss per scored token over every rank's share (a collective)."""
+        """Mean loss per scored token (every rank scores the same batches)."""
         was_training = module.training
         module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        total, count = 0.0, 0
         with torch.no_grad():
-            for batch, real in self.batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                summed, count = self._batch_loss(module, batch)
-                if real:
-                    total += torch.stack([summed.double(), summed.new_tensor(count).double()])
-        if dist.is_initialized():
-            dist.all_reduce(total)
+            for batch in self.batches:
+                summed, n = self._batch_loss(module, {k: v.to(device) for k, v in batch.items()})
+                total += float(summed)
+                count += n
         module.train(was_training)
-        return float(total[0] / total[1].clamp(min=1))
+        return total / max(count, 1)
 
     def _batch_loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]):
         labels = batch["labels"]
@@ -109,47 +115,35 @@ class Forgetting:
     # ------------------------------------------------------------------- the probe
 
     def train_probe(self, module: torch.nn.Module, device: torch.device, steps: int) -> float:
-        """Fit the probe on the frozen (pretrained) backbone's hidden states at this
-        rank's masked positions, gradients averaged over ranks so every rank holds the
-        same probe; return the loss before training starts from it (the baseline)."""
+        """Fit the probe on the frozen (pretrained) backbone's hidden states at the masked
+        positions of its own half of the sequences (the same on every rank, so every rank
+        holds the same probe); return the loss on the scored half (the baseline)."""
         assert self.head is not None
         module.eval()
         feats, targets = [], []
         with torch.no_grad():
-            for batch, real in self.batches:
+            for batch in self.probe_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = backbone(module)(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).last_hidden_state
-                if real:
-                    target = batch["labels"] != IGNORE_INDEX
-                    feats.append(hidden[target].float())
-                    targets.append(batch["labels"][target])
+                target = batch["labels"] != IGNORE_INDEX
+                feats.append(hidden[target].float())
+                targets.append(batch["labels"][target])
         module.train()
         x, y = torch.cat(feats), torch.cat(targets)
         self.head.to(device).train()
         params = [p for p in self.head.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=PROBE_LR, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(
-            MASK_SEED + (dist.get_rank() if dist.is_initialized() else 0)
-        )
+        generator = torch.Generator().manual_seed(MASK_SEED)
         for _ in range(steps):
             pick = torch.randint(len(x), (min(PROBE_BATCH, len(x)),), generator=generator)
             loss = F.cross_entropy(self.head(x[pick.to(device)]), y[pick.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if dist.is_initialized():
-                for p in params:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
             optimizer.step()
         self.head.eval().requires_grad_(False)
-        with torch.no_grad():
-            summed, count = _token_loss(self.head(x), y)
-        total = torch.stack([summed.double(), summed.new_tensor(count).double()])
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        return float(total[0] / total[1].clamp(min=1))
+        return self.loss(module, device)
 
     def probe_state(self) -> dict[str, torch.Tensor]:
         assert self.head is not None
@@ -202,9 +196,11 @@ def backbone_kind(cfg: RayftConfig) -> Kind | None:
     return None
 
 
-def _pretrained_head(cfg: RayftConfig, kind: Kind) -> tuple[torch.nn.Module | None, Any]:
+def _pretrained_head(
+    cfg: RayftConfig, kind: Kind
+) -> tuple[torch.nn.Module | None, torch.Tensor, str | None]:
     """The checkpoint's own LM head when it has one (loaded, and the only module beside
-    the backbone), else None; and the pretrained input embeddings (for a probe)."""
+    the backbone), else None and why; and the pretrained input embeddings (for a probe)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     m = cfg.model
@@ -224,18 +220,41 @@ def _pretrained_head(cfg: RayftConfig, kind: Kind) -> tuple[torch.nn.Module | No
         if name != prefix and any(True for _ in child.parameters())
     ]
     embeddings = lm.get_input_embeddings().weight.detach().clone()
-    if missing or len(heads) != 1:
-        return None, embeddings
-    return heads[0].eval().requires_grad_(False), embeddings
+    if missing:
+        return None, embeddings, f"the checkpoint has no weights for {missing[0]}"
+    if len(heads) != 1:
+        names = [n for n, c in lm.named_children() if n != prefix]
+        return (
+            None,
+            embeddings,
+            f"its LM head is split over {names}, which rayft does not reassemble",
+        )
+    return heads[0].eval().requires_grad_(False), embeddings, None
 
 
-def general_sequences(path: str, tokenizer: Any, length: int, max_tokens: int) -> list[list[int]]:
-    """The text's paragraphs (one per line) as one token stream, cut into sequences of
-    `length` tokens with the tokenizer's special tokens around each."""
-    with open(path, encoding="utf-8") as handle:
-        paragraphs = [line.strip() for line in handle if line.strip()]
+def read_general_text(cfg: RayftConfig) -> list[str] | None:
+    """`eval.general_text`'s paragraphs (one per line), read on the driver so that workers
+    on other nodes need no access to the file; None when forgetting is off."""
+    path = cfg.eval.general_text
+    if not path:
+        return None
+    from rayft.data import fs
+
+    try:
+        text = fs.read_text(path)
+    except (OSError, FileNotFoundError) as exc:
+        raise ValueError(f"eval.general_text: cannot read {path}: {exc}") from None
+    paragraphs = [line.strip() for line in text.splitlines() if line.strip()]
     if not paragraphs:
         raise ValueError(f"eval.general_text: {path} holds no text (one paragraph per line)")
+    return paragraphs[: cfg.eval.general_max_tokens]  # a paragraph has at least a token
+
+
+def general_sequences(
+    paragraphs: list[str], tokenizer: Any, length: int, max_tokens: int
+) -> list[list[int]]:
+    """The paragraphs as one token stream, cut into sequences of `length` tokens with
+    the tokenizer's special tokens around each."""
     prefix, suffix = special_tokens(tokenizer)
     room = length - len(prefix) - len(suffix)
     stream: list[int] = []
@@ -289,46 +308,59 @@ def _mask(batch: dict[str, torch.Tensor], tokenizer: Any, rng: np.random.Generat
     batch["labels"] = labels
 
 
-def build(cfg: RayftConfig, tokenizer: Any, rank: int, world: int) -> Forgetting | None | str:
-    """This rank's share of the general-text batches and the scoring head; a string
-    saying why when forgetting cannot be measured for this model; None when it is off."""
-    path = cfg.eval.general_text
-    if not path:
+def _batches(
+    seqs: list[list[int]], tokenizer: Any, kind: Kind, size: int, rng: np.random.Generator
+) -> list[dict[str, torch.Tensor]]:
+    batches = [
+        _batch(seqs[i : i + size], tokenizer.pad_token_id) for i in range(0, len(seqs), size)
+    ]
+    for batch in batches:
+        if kind == "mlm":
+            _mask(batch, tokenizer, rng)
+        else:
+            pad = batch["attention_mask"] == 0
+            batch["labels"] = batch["input_ids"].masked_fill(pad, IGNORE_INDEX)
+    return batches
+
+
+def _scored_tokens(batches: list[dict[str, torch.Tensor]], kind: Kind) -> int:
+    tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    if kind == "clm":  # a sequence's first token has nothing to be predicted from
+        tokens -= sum(len(b["labels"]) for b in batches)
+    return tokens
+
+
+def build(
+    cfg: RayftConfig, tokenizer: Any, paragraphs: list[str] | None
+) -> Forgetting | None | str:
+    """The general-text batches and the scoring head; a string saying why forgetting
+    cannot be measured for this model; None when it is off."""
+    if not paragraphs:
         return None
     kind = backbone_kind(cfg)
     if kind is None:
         return "no masked-LM or causal-LM head exists for this architecture in transformers"
     if kind == "mlm" and tokenizer.mask_token_id is None:
         return "the tokenizer has no mask token to score masked-LM loss with"
-    seqs = general_sequences(path, tokenizer, cfg.train.max_seq_len, cfg.eval.general_max_tokens)
-    size = cfg.train.eval_batch_size
-    batches = [
-        _batch(seqs[i : i + size], tokenizer.pad_token_id) for i in range(0, len(seqs), size)
-    ]
-    rng = np.random.default_rng(MASK_SEED)
-    for batch in batches:
-        if kind == "mlm":
-            _mask(batch, tokenizer, rng)
-        else:
-            batch["labels"] = batch["input_ids"].masked_fill(
-                batch["attention_mask"] == 0, IGNORE_INDEX
-            )
-    tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-    if kind == "clm":
-        tokens -= len(seqs)  # the first token of a sequence has nothing to be predicted from
-    # Every rank runs the same number of forward passes (ZeRO-3 gathers weights
-    # collectively); the padding repeats a batch and is not counted.
-    rounds = math.ceil(len(batches) / world)
-    share = [
-        (batches[i % len(batches)], i < len(batches)) for i in range(rank, rounds * world, world)
-    ]
+    seqs = general_sequences(
+        paragraphs, tokenizer, cfg.train.max_seq_len, cfg.eval.general_max_tokens
+    )
+    size, rng, text = (
+        cfg.train.eval_batch_size,
+        np.random.default_rng(MASK_SEED),
+        cfg.eval.general_text,
+    )
     if cfg.task == "causal_lm":
-        return Forgetting(kind, "model", None, share, tokens, path)
-    head, embeddings = _pretrained_head(cfg, kind)
+        batches = _batches(seqs, tokenizer, kind, size, rng)
+        return Forgetting(kind, "model", None, batches, _scored_tokens(batches, kind), text)
+    head, embeddings, why = _pretrained_head(cfg, kind)
     if head is not None:
-        return Forgetting(kind, "pretrained", head, share, tokens, path)
+        batches = _batches(seqs, tokenizer, kind, size, rng)
+        return Forgetting(kind, "pretrained", head, batches, _scored_tokens(batches, kind), text)
     if kind == "clm":
-        return "the checkpoint has no language-model head to compute perplexity with"
+        return f"the checkpoint has no language-model head to compute perplexity with ({why})"
+    if len(seqs) < 2:
+        return "eval.general_text is too short to train a probe on half and score the other"
     from transformers import AutoConfig
 
     hidden = AutoConfig.from_pretrained(
@@ -337,4 +369,11 @@ def build(cfg: RayftConfig, tokenizer: Any, rank: int, world: int) -> Forgetting
         trust_remote_code=cfg.model.trust_remote_code,
     ).hidden_size
     torch.manual_seed(MASK_SEED)  # the same initial probe on every rank
-    return Forgetting(kind, "probe", ProbeHead(hidden, embeddings), share, tokens, path)
+    # Trained on one half, scored on the other: a probe that memorized its targets would
+    # make the backbone's drift look larger than it is.
+    probe_batches = _batches(seqs[0::2], tokenizer, kind, size, rng)
+    batches = _batches(seqs[1::2], tokenizer, kind, size, rng)
+    return Forgetting(
+        kind, "probe", ProbeHead(hidden, embeddings), batches, _scored_tokens(batches, kind),
+        text, probe_batches, note=why,
+    )  # fmt: skip

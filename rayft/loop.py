@@ -265,19 +265,27 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = state["history"]
     device = ray.train.torch.get_device()
     # Forgetting: general text scored before training and at every evaluation.
-    forgetting = forgetting_mod.build(cfg, tokenizer, rank, world)
+    forgetting = forgetting_mod.build(cfg, tokenizer, config.get("general_text"))
     forgetting_note = None
     if isinstance(forgetting, str):
         forgetting_note, forgetting = forgetting, None
-        if rank == 0:
-            say(f"forgetting is not measured: {forgetting_note}")
+    probe_file = os.path.join(resume_dir or "", forgetting_mod.PROBE_FILE)
+    if (
+        forgetting is not None
+        and resume_dir is not None
+        and (
+            state.get("forgetting_before") is None
+            or (forgetting.head_source == "probe" and not os.path.isfile(probe_file))
+        )
+    ):
+        forgetting_note = "resumed from a checkpoint that holds no forgetting baseline"
+        forgetting = None
+    if forgetting_note and rank == 0:
+        say(f"forgetting is not measured: {forgetting_note}")
     if forgetting is not None and forgetting.head is not None:
         forgetting.head.to(device)
         if resume_dir is not None and forgetting.head_source == "probe":
-            probe = torch.load(
-                os.path.join(resume_dir, forgetting_mod.PROBE_FILE), weights_only=True
-            )
-            forgetting.load_probe(probe, device)
+            forgetting.load_probe(torch.load(probe_file, weights_only=True), device)
 
     def forgetting_metrics(module: torch.nn.Module) -> dict[str, float]:
         if forgetting is None:
@@ -361,7 +369,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 say(
                     f"forgetting: general-text {forgetting.measure} before training "
-                    f"{before:.4f} ({forgetting.tokens:,} tokens, {forgetting.head_source} head)"
+                    f"{forgetting.value(before):.4f} ({forgetting.tokens:,} tokens, "
+                    f"{forgetting.head_source} head)"
                 )
         if "pretrained" in baselines(cfg):
             scores = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
@@ -536,11 +545,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         final_extra["forgetting"] = {
             "measure": forgetting.measure,
             "head": forgetting.head_source,
-            "before": state["forgetting_before"],
-            "after": metrics["general_loss"],
+            "before": forgetting.value(state["forgetting_before"]),
+            "after": forgetting.value(metrics["general_loss"]),
             "ratio": metrics["forgetting_ratio"],
             "tokens": forgetting.tokens,
             "text": forgetting.text,
+            **({"head_note": forgetting.note} if forgetting.note else {}),
         }
     elif forgetting_note:
         final_extra["forgetting"] = {"not_measured": forgetting_note}
@@ -554,6 +564,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             task,
             plan.labels,
             cfg,
+            [(r["source"], r["line"]) for r in predictions],
         )
     history.append({k: v for k, v in metrics.items() if k != "done"})
     metrics.update(final_extra)

@@ -199,10 +199,12 @@ def _fmt(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    """Text that cannot break a markdown table row."""
+    """Text that cannot break a markdown table row, nor inject HTML into report.html
+    (labels, slice values and paths come from the data)."""
     if isinstance(value, list):
         value = ", ".join(str(v) for v in value)
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = html.escape(str(value), quote=False)
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _duration(seconds: Any) -> str:
@@ -379,6 +381,10 @@ def _metrics(run: _Run, plots: list[str]) -> list[str]:
     rows = [[f"**fine-tuned ({run.method})**", *(_fmt(m.get(c)) for c in columns)]]
     for name, scores in baselines.items():
         label = f"{name} (always `{_cell(scores['label'])}`)" if "label" in scores else name
+        if name == "pretrained" and run.task != "causal_lm":
+            label = "pretrained (untrained new head: chance level)"
+        if "error" in scores:
+            label = f"{name} (failed: {_cell(scores['error'])})"
         rows.append([label, *(_fmt(scores.get(c)) for c in columns)])
     lines = ["## Metrics against baselines", "", *_table(["model", *columns], rows)]
     comparisons = _comparisons(run)
@@ -411,7 +417,12 @@ def _metrics(run: _Run, plots: list[str]) -> list[str]:
             parts.append(f"{selected['metric']} {_fmt(selected.get('value'))}")
         if _num(selected.get("forgetting_ratio")):
             parts.append(f"forgetting ratio {selected['forgetting_ratio']:.4f}")
-        lines += ["", f"Selected checkpoint: `{selected.get('path')}` ({', '.join(parts)})."]
+        lines += [
+            "",
+            f"Best checkpoint kept by Ray Train: `{selected.get('path')}` ({', '.join(parts)}). "
+            "`model/` holds the final model, not this checkpoint (a DeepSpeed training "
+            "state, resumable; not exported).",
+        ]
     if run.task == "sequence_classification":
         lines += _confusion(run, plots)
     per_type = m.get("per_type")

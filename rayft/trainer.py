@@ -22,6 +22,7 @@ from rayft.data import fs
 from rayft.data.features import tokenize_block
 from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
 from rayft.evaluate import within_forgetting_key
+from rayft.forgetting import read_general_text
 from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
 from rayft.tasks import get_task
 
@@ -97,6 +98,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     resume_from: str | None = None,
     prompts: list[dict[str, Any]] | None = None,
+    general_text: list[str] | None = None,
 ) -> Any:
     """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -116,6 +118,7 @@ def build_trainer(
             "plan": asdict(plan),
             "resume_from": resume_from,
             "prompts": prompts,
+            "general_text": general_text,  # eval.general_text, read by the driver
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -183,7 +186,25 @@ def fit(cfg: RayftConfig) -> dict[str, Any]:
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
         handle.write(dump_config(cfg))
     run_name = cfg.run_name or default_run_name(cfg)
+    general_text = read_general_text(cfg)  # on the driver: workers may be elsewhere
     tracked = tracking.start(cfg, run_name)  # a tracker that cannot log fails here
+    try:
+        metrics = _fit(cfg, files, run_name, general_text, tracked, started)
+    except BaseException:
+        tracking.finish(tracked, {}, failed=True)
+        raise
+    tracking.finish(tracked, metrics)
+    return metrics
+
+
+def _fit(
+    cfg: RayftConfig,
+    files: dict[str, list[str]],
+    run_name: str,
+    general_text: list[str] | None,
+    tracked: tracking.TrackingRun,
+    started: float,
+) -> dict[str, Any]:
     init_ray(cfg)
     prepared = prepare(cfg, files)
     plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
@@ -196,14 +217,43 @@ def fit(cfg: RayftConfig) -> dict[str, Any]:
         run_name=run_name,
         callbacks=[tracking.callback(tracked)],
         prompts=sample_prompts(cfg, prepared),
+        general_text=general_text,
     )
     result = trainer.fit()
     if result.error is not None:
-        tracking.finish(tracked, {}, failed=True)
         raise result.error
-    frozen = frozen_baseline(cfg, files, run_name)
-    metrics = write_outputs(cfg, prepared, result, started, frozen=frozen)
-    tracking.finish(tracked, metrics)
+    metrics = write_outputs(cfg, prepared, result, started)
+    # After the run's own outputs are safe: a baseline that fails loses nothing else.
+    return add_frozen_baseline(cfg, files, run_name, cfg.output_dir) or metrics
+
+
+def add_frozen_baseline(
+    cfg: RayftConfig, files: dict[str, list[str]], run_name: str, output_dir: str
+) -> dict[str, Any] | None:
+    """Run the frozen-backbone baseline when asked for, add it to output_dir's
+    metrics.json and write the report again; the updated metrics, or None if not run."""
+    try:
+        frozen = frozen_baseline(cfg, files, run_name)
+    except Exception as exc:  # the run itself succeeded: report the baseline's failure
+        frozen = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        say(f"baseline: the frozen-backbone run failed: {frozen['error']}")
+    if frozen is None:
+        return None
+    path = os.path.join(output_dir, "metrics.json")
+    with open(path) as handle:
+        metrics = json.load(handle)
+    metrics.setdefault("baselines", {})["frozen"] = frozen
+    with open(path, "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    if cfg.eval.report:
+        from rayft.report import write_report
+
+        write_report(output_dir)
+    if "error" not in frozen:
+        shown = ", ".join(
+            f"{k} {frozen[k]:.4f}" for k in SUMMARY_KEYS if isinstance(frozen.get(k), float)
+        )
+        say(f"frozen baseline: {shown}")
     return metrics
 
 
@@ -228,7 +278,7 @@ def frozen_baseline(
         lr=cfg.eval.frozen_lr,
         epochs=cfg.eval.frozen_epochs or cfg.train.epochs,
         eval_every_steps=None,
-        max_steps=None,
+        max_steps=cfg.train.max_steps,  # as cheap as the run it is compared with
     )
     raw["checkpoint"].update(every_steps=None, metric="eval_loss", mode="min", keep=1)
     raw["eval"].update(baselines=[], general_text=None, max_forgetting=None, report=False)
@@ -297,7 +347,6 @@ def write_outputs(
     prepared: Prepared,
     result: Any,
     started: float,
-    frozen: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the exported model out of the final checkpoint; write metrics.json (with the
     baselines, forgetting, slices and the selected checkpoint) and the report."""
@@ -332,8 +381,6 @@ def write_outputs(
         )
     if pretrained is not None:
         compared["pretrained"] = pretrained
-    if frozen is not None:
-        compared["frozen"] = frozen
     if compared:
         metrics["baselines"] = compared
     if cfg.method == "frozen":
@@ -345,10 +392,9 @@ def write_outputs(
     if forgetting is not None:
         if "ratio" in forgetting:
             limit = cfg.eval.max_forgetting
-            forgetting.update(
-                max_forgetting=limit,
-                exceeded=bool(limit is not None and forgetting["ratio"] > limit),
-            )
+            # NaN (a diverged run) counts as over the limit.
+            over = limit is not None and not forgetting["ratio"] <= limit
+            forgetting.update(max_forgetting=limit, exceeded=over)
         metrics["forgetting"] = forgetting
     if slices is not None:
         metrics["slices"] = slices
@@ -386,11 +432,14 @@ def _selected_checkpoint(cfg: RayftConfig, result: Any) -> dict[str, Any] | None
     }
 
 
+SUMMARY_KEYS = (
+    "accuracy", "token_accuracy", "exact_match", "f1", "perplexity", "eval_loss", "test_f1",
+    "test_accuracy",
+)  # fmt: skip
+
+
 def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
-    keys = (
-        "accuracy", "token_accuracy", "exact_match", "f1", "perplexity", "eval_loss", "test_f1",
-        "test_accuracy",
-    )  # fmt: skip
+    keys = SUMMARY_KEYS
     shown = [f"{k} {metrics[k]:.4f}" for k in keys if k in metrics]
     majority = metrics.get("baselines", {}).get("majority")
     if majority:
@@ -398,7 +447,7 @@ def _print_summary(cfg: RayftConfig, metrics: dict[str, Any]) -> None:
         shown.append(f"(majority baseline: {scores})")
     say(f"done in {metrics['wall_seconds']:.0f}s: " + ", ".join(shown))
     for name, scores in metrics.get("baselines", {}).items():
-        if name != "majority":
+        if name == "pretrained":
             shown = ", ".join(f"{k} {scores[k]:.4f}" for k in keys if k in scores)
             say(f"{name} baseline: {shown}")
     forgetting = metrics.get("forgetting", {})

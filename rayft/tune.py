@@ -30,6 +30,7 @@ from rayft.config import (
     RayftConfig,
     TuneSection,
     deep_merge,
+    dump_config,
     load_config,
     resolve_paths,
     validate_config,
@@ -37,6 +38,7 @@ from rayft.config import (
 from rayft.console import say
 from rayft.data import fs
 from rayft.evaluate import within_forgetting, within_forgetting_key
+from rayft.forgetting import read_general_text
 from rayft.tasks import get_task
 
 TUNE_DIR = "tune"
@@ -176,7 +178,12 @@ def objective(cfg: RayftConfig) -> str:
 
 
 def run_trial(
-    params: dict[str, Any], *, base: dict[str, Any], metric: str = "eval_loss", mode: str = "min"
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    metric: str = "eval_loss",
+    mode: str = "min",
+    general_text: list[str] | None = None,
 ) -> None:
     """A Tune function trainable: one multi-worker Ray Train + DeepSpeed run; `metric`
     and `mode` are the search's (for `<metric>_within_forgetting`)."""
@@ -190,6 +197,9 @@ def run_trial(
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
+        handle.write(dump_config(cfg))
     prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
     plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
     run_name, resume = cfg.run_name, None
@@ -214,6 +224,7 @@ def run_trial(
         callbacks=[_relay_callback(queue)],
         resume_from=resume,
         prompts=sample_prompts(cfg, prepared),
+        general_text=general_text,
     )
     outcome: dict[str, Any] = {}
 
@@ -363,7 +374,13 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     if t.scheduler == "pbt" and not base["checkpoint"]["every_steps"]:
         # PBT clones the state behind a trial's latest report: every report needs one.
         base["checkpoint"]["every_steps"] = base["train"]["eval_every_steps"]
-    trial = functools.partial(run_trial, base=base, metric=t.metric, mode=t.resolved_mode)
+    trial = functools.partial(
+        run_trial,
+        base=base,
+        metric=t.metric,
+        mode=t.resolved_mode,
+        general_text=read_general_text(cfg),  # read here: trials may run on other nodes
+    )
     trainable = tune.with_resources(trial, {"CPU": DRIVER_CPUS})
     concurrency = t.max_concurrent_trials or default_concurrency(cfg)
     searches = fs.join(cfg.storage_path, TUNE_DIR)  # resolve_paths made it absolute
@@ -412,7 +429,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
 
 def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
     t = cfg.tune
-    metric = objective(cfg)
+    metric, key = t.metric, objective(cfg)  # reported, and ranked by (with forgetting)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     sign = 1 if t.resolved_mode == "max" else -1
     rows, curves = [], {}
@@ -420,6 +437,7 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
         frame = result.metrics_dataframe
         history = [] if frame is None else frame.to_dict("records")
         scores = [h[metric] for h in history if isinstance(h.get(metric), (int, float))]
+        ranked = [h[key] for h in history if isinstance(h.get(key), (int, float))]
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
         if result.error is not None:
@@ -435,11 +453,17 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
                 **params,
                 f"best_{metric}": max(scores, key=lambda v: sign * v) if scores else None,
                 f"last_{metric}": scores[-1] if scores else None,
+                **(
+                    {"last_within_forgetting": ranked[-1] == scores[-1] if ranked else None}
+                    if key != metric
+                    else {}
+                ),
                 "steps": last.get("step"),
                 "evaluations": len(scores),
                 "status": status,
                 "wall_seconds": round(last.get("time_total_s", 0.0), 1),
                 "output_dir": os.path.join(out, "trials", trial_id),
+                "_rank": ranked[-1] if ranked else None,
             }
         )
         curves[trial_id] = (
@@ -448,24 +472,27 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
             status,
             params,
         )
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row) if k != "_rank"]
     with open(os.path.join(out, "trials.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    finished = [r for r in rows if r["status"] == "completed" and r[f"last_{metric}"] is not None]
-    summary: dict[str, Any] = {"metric": metric, "mode": t.resolved_mode, "trials": len(rows),
+    finished = [r for r in rows if r["status"] == "completed" and r["_rank"] is not None]
+    summary: dict[str, Any] = {"metric": metric, "ranked_by": key, "mode": t.resolved_mode,
+                               "trials": len(rows),
                                "completed": len(finished),
                                "stopped_early": sum(r["status"] == "stopped" for r in rows),
                                "errored": sum(r["status"] == "error" for r in rows),
                                "trial_steps": sum(r["steps"] or 0 for r in rows)}  # fmt: skip
     if finished:
-        best = max(finished, key=lambda r: sign * r[f"last_{metric}"])
+        best = max(finished, key=lambda r: sign * r["_rank"])
         summary.update(
             best_trial=best["trial_id"],
             best_config={k: best[k] for k in _flatten(results[0].config or {})},
             best_metric=best[f"last_{metric}"],
         )
+        if key != metric:
+            summary["best_within_forgetting"] = best["last_within_forgetting"]
         shutil.rmtree(os.path.join(out, BEST_DIR), ignore_errors=True)
         shutil.copytree(
             best["output_dir"], os.path.join(out, BEST_DIR), ignore=shutil.ignore_patterns("ray")
@@ -486,27 +513,14 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
 
 
 def _best_trial_baseline(cfg: RayftConfig, best_dir: str, trial_id: str) -> None:
-    """The frozen-backbone baseline, once, for the best trial (trials skip it); added to
+    """The frozen-backbone baseline, once, for the best trial (trials skip it): added to
     its metrics.json, and its report written again."""
-    from rayft.config import baselines
     from rayft.data.prepare import check_sources
-    from rayft.trainer import frozen_baseline
+    from rayft.trainer import add_frozen_baseline
 
-    if "frozen" not in baselines(cfg) or cfg.method == "frozen":
-        return
     trial_cfg = load_config(os.path.join(best_dir, "config.yaml"))
     trial_cfg = trial_cfg.model_copy(update={"eval": cfg.eval, "output_dir": best_dir})
-    frozen = frozen_baseline(trial_cfg, check_sources(cfg), f"trial-{trial_id}")
-    path = os.path.join(best_dir, "metrics.json")
-    with open(path) as handle:
-        metrics = json.load(handle)
-    metrics.setdefault("baselines", {})["frozen"] = frozen
-    with open(path, "w") as handle:
-        json.dump(metrics, handle, indent=2)
-    if cfg.eval.report:
-        from rayft.report import write_report
-
-        write_report(best_dir)
+    add_frozen_baseline(trial_cfg, check_sources(cfg), f"trial-{trial_id}", best_dir)
 
 
 def plot_trials(curves: dict[str, tuple], metric: str, path: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
-from tests.fixtures.models import tiny_bert
+from tests.fixtures.models import tiny_bert, tiny_mlm_bert
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -38,6 +38,24 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
+
+
+@pytest.fixture(scope="session")
+def mlm_model(tmp_path_factory) -> str:
+    """A tiny BERT with its masked-LM head, pretrained on the shipped general text."""
+    return tiny_mlm_bert(tmp_path_factory.mktemp("tiny-mlm-bert"), WORDS)
+
+
+@pytest.fixture(scope="session")
+def bare_backbone(tmp_path_factory, mlm_model) -> str:
+    """The same pretrained body without its masked-LM head (as sentence-transformers
+    checkpoints come): forgetting is then scored through a probe."""
+    from transformers import AutoTokenizer, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bare-bert")
+    BertModel.from_pretrained(mlm_model).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(mlm_model).save_pretrained(directory)
+    return str(directory)
 
 
 @pytest.fixture(scope="session")

@@ -320,7 +320,14 @@ def test_tune_searches_a_qa_task_by_f1(tmp_path, ray_session, qa_model):
                            lora={"r": 8, "alpha": 16})  # fmt: skip
     config["tune"] = {"search_space": {"train.lr": {"grid": [1e-2, 1e-6]}}, "metric": "f1",
                       "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1}  # fmt: skip
+    # Bounded by forgetting: the search optimizes f1 within the limit (generous here).
+    config["eval"] = {"baselines": ["pretrained"], "max_forgetting": 5.0}
     summary = search(validate_config(config))
     assert summary["completed"] == 2 and summary["mode"] == "max"
+    assert (summary["metric"], summary["ranked_by"]) == ("f1", "f1_within_forgetting")
     assert summary["best_config"] == {"train.lr": 1e-2}
-    assert summary["best_metrics"]["f1"] > 0.5, summary
+    best = summary["best_metrics"]
+    assert best["f1"] > 0.5 and best["forgetting"]["ratio"] <= 5.0, summary
+    assert summary["best_metric"] == best["f1"] and summary["best_within_forgetting"] is True
+    trials = (tmp_path / "tune" / "tune" / "trials.csv").read_text()
+    assert "last_within_forgetting" in trials

@@ -217,13 +217,19 @@ def test_classification_report_compares_flags_and_plots(tmp_path):
     assert "| **fine-tuned (full)** | 0.8475 | 0.8402 | 0.8391 | 0.8396 | 0.4123 |" in md
     assert "| majority (always `neutral`) | 0.4068 | 0.1356 | 0.3333 | 0.1928 | — |" in md
     assert "| frozen | 0.7119 | 0.7021 | 0.6988 | 0.7002 | 0.6934 |" in md
-    assert "| pretrained | 0.8733 | 0.3311 | 0.3333 | 0.3322 | 1.0987 |" in md
+    assert (
+        "| pretrained (untrained new head: chance level) | 0.8733 | 0.3311 | 0.3333 | 0.3322 | 1.0987 |"
+        in md
+    )
     assert "- beats majority: 0.8475 vs 0.4068 (+0.4407)" in md
     assert "- beats frozen: 0.8475 vs 0.7119 (+0.1356)" in md
     assert "- does **not** beat pretrained: 0.8475 vs 0.8733 (-0.0258)" in md
     assert "The frozen baseline trained in 41.0s; the run took 5m 12s." in md
     assert "Test split, scored once by the final model: accuracy 0.8312 · loss 0.4501." in md
-    assert "Selected checkpoint: `runs/x/ray/checkpoint_000002` (step 60, accuracy 0.8475" in md
+    assert (
+        "Best checkpoint kept by Ray Train: `runs/x/ray/checkpoint_000002` (step 60, accuracy 0.8475"
+        in md
+    )
     # confusion: 12 of 60 rows wrong, 4 per true label
     assert "on 60 eval rows" in md and "(4 rows)" in md
     # forgetting: probe explained, flagged in the glance and in its section

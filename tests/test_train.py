@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -16,8 +15,8 @@ from safetensors.torch import load_file
 from rayft.config import load_config, validate_config
 from rayft.trainer import fit
 from tests.conftest import base_config
-from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
-from tests.fixtures.models import GENERAL_TEXT, tiny_mlm_bert
+from tests.fixtures.data import sentiment_rows, write_jsonl
+from tests.fixtures.models import GENERAL_TEXT
 
 METRIC_KEYS = {
     "accuracy",
@@ -51,11 +50,6 @@ def predict(model_dir: Path, texts: list[str]) -> torch.Tensor:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
-
-
-@pytest.fixture(scope="module")
-def mlm_model(tmp_path_factory) -> str:
-    return tiny_mlm_bert(tmp_path_factory.mktemp("tiny-mlm-bert"), WORDS)
 
 
 def test_full_zero2_baselines_slices_report_and_tracking(
@@ -156,18 +150,6 @@ def test_full_zero2_baselines_slices_report_and_tracking(
     assert torch.allclose(
         probs.max(-1).values, torch.tensor([p["score"] for p in predicted]), atol=1e-4
     )
-
-
-@pytest.fixture(scope="module")
-def bare_backbone(tmp_path_factory, mlm_model) -> str:
-    """The same pretrained body without its masked-LM head (as sentence-transformers
-    checkpoints come): forgetting is then scored through a probe."""
-    from transformers import AutoTokenizer, BertModel
-
-    directory = tmp_path_factory.mktemp("tiny-bare-bert")
-    BertModel.from_pretrained(mlm_model).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(mlm_model).save_pretrained(directory)
-    return str(directory)
 
 
 def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session, bare_backbone):

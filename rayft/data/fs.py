@@ -29,6 +29,15 @@ def read_json(path: str) -> Any | None:
         return json.loads(stream.read().decode())
 
 
+def read_text(path: str) -> str:
+    """A whole (small) text file, local or remote; FileNotFoundError when absent."""
+    filesystem, where = _resolve(path)
+    if filesystem.get_file_info(where).type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    with filesystem.open_input_stream(where) as stream:
+        return stream.read().decode("utf-8")
+
+
 def write_json(path: str, value: Any) -> None:
     filesystem, where = _resolve(path)
     filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)

@@ -105,8 +105,11 @@ def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
         split: expand_sources(spec, f"data.{split}", cfg.data.format)
         for split, spec in split_fields(cfg).items()
     }
-    needed = required_columns(cfg)
     for split, paths in files.items():
+        needed = required_columns(cfg)
+        evaluated = split != "train" or (cfg.data.split and cfg.data.eval is None)
+        if cfg.eval.slice_column and evaluated:  # a misspelt column would hide the slices
+            needed["eval.slice_column"] = cfg.eval.slice_column
         for path in paths[:PEEK_FILES]:
             columns, has_rows = peek_columns(path, forced=cfg.data.format)
             if not has_rows:
