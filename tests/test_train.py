@@ -189,7 +189,7 @@ def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session,
     # Forgetting: nothing to forget with a frozen body, at every evaluation.
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "probe" and forgetting["measure"] == "mlm_loss"
-    assert forgetting["tokens"] > 400  # 15% of 4096 tokens, less the special ones
+    assert forgetting["tokens"] > 200  # 15% of the scored half of 4096 tokens
     assert abs(forgetting["ratio"] - 1.0) < 1e-4
     assert all(abs(h["forgetting_ratio"] - 1.0) < 1e-4 for h in steps)
     # The run is the frozen baseline itself: fuller methods are suggested, not run.
