@@ -37,6 +37,10 @@ MASK_SEED = 0
 PROBE_LR = 2e-3
 PROBE_BATCH = 256  # target tokens per probe step
 PROBE_FILE = "forgetting_probe.pt"
+# The probe's half of the text is masked this many times over (different positions each
+# time): more targets to fit from the same few thousand tokens, so it generalizes to the
+# scored half instead of memorizing its own.
+PROBE_MASKINGS = 4
 
 Kind = Literal["mlm", "clm"]
 
@@ -371,7 +375,10 @@ def build(
     torch.manual_seed(MASK_SEED)  # the same initial probe on every rank
     # Trained on one half, scored on the other: a probe that memorized its targets would
     # make the backbone's drift look larger than it is.
-    probe_batches = _batches(seqs[0::2], tokenizer, kind, size, rng)
+    probe_seqs = seqs[0::2]
+    probe_batches = [
+        b for _ in range(PROBE_MASKINGS) for b in _batches(probe_seqs, tokenizer, kind, size, rng)
+    ]
     batches = _batches(seqs[1::2], tokenizer, kind, size, rng)
     return Forgetting(
         kind, "probe", ProbeHead(hidden, embeddings), batches, _scored_tokens(batches, kind),

@@ -497,6 +497,9 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
         shutil.copytree(
             best["output_dir"], os.path.join(out, BEST_DIR), ignore=shutil.ignore_patterns("ray")
         )
+        for name in ("data_report.json", "data_report.png"):  # written once, by the search
+            if os.path.isfile(os.path.join(cfg.output_dir, name)):
+                shutil.copy(os.path.join(cfg.output_dir, name), os.path.join(out, BEST_DIR))
         _best_trial_baseline(cfg, os.path.join(out, BEST_DIR), best["trial_id"])
         with open(os.path.join(out, BEST_DIR, "metrics.json")) as handle:
             best_metrics = json.load(handle)
@@ -514,13 +517,18 @@ def write_search_outputs(cfg: RayftConfig, results: Any) -> dict[str, Any]:
 
 def _best_trial_baseline(cfg: RayftConfig, best_dir: str, trial_id: str) -> None:
     """The frozen-backbone baseline, once, for the best trial (trials skip it): added to
-    its metrics.json, and its report written again."""
+    its metrics.json; the report written again."""
     from rayft.data.prepare import check_sources
     from rayft.trainer import add_frozen_baseline
 
     trial_cfg = load_config(os.path.join(best_dir, "config.yaml"))
     trial_cfg = trial_cfg.model_copy(update={"eval": cfg.eval, "output_dir": best_dir})
-    add_frozen_baseline(trial_cfg, check_sources(cfg), f"trial-{trial_id}", best_dir)
+    if add_frozen_baseline(trial_cfg, check_sources(cfg), f"trial-{trial_id}", best_dir):
+        return  # the report was written again with it
+    if cfg.eval.report:  # again, now with the search's data report beside it
+        from rayft.report import write_report
+
+        write_report(best_dir)
 
 
 def plot_trials(curves: dict[str, tuple], metric: str, path: str) -> None:

@@ -249,6 +249,10 @@ def test_asha_search_as_a_ray_job_stopped_and_resumed(tmp_path, tiny_model, toy_
     metrics = json.loads((asha / "tune/best/metrics.json").read_text())
     assert metrics["eval_loss"] == pytest.approx(best["best_metric"])
     assert (asha / "tune/trials.png").stat().st_size > 10_000
+    # The best trial's report, with the search's data report and the trial's own config.
+    report = (asha / "tune/best/report.md").read_text()
+    assert "No data_report.json" not in report and "No config.yaml" not in report
+    assert (asha / "tune/best/learning_curves.png").is_file()
 
 
 @pytest.mark.slow
