@@ -243,6 +243,14 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     out = Path(cfg.output_dir)
     history = [json.loads(line) for line in (out / "history.jsonl").open()]
     assert history[-1]["perplexity"] < 0.7 * history[0]["perplexity"], history
+    # The pretrained baseline (causal_lm's default) is the model before any update, and
+    # forgetting is the fine-tuned model's own perplexity on the general text.
+    pretrained = metrics["baselines"]["pretrained"]
+    assert history[0]["step"] == 0 and history[0]["perplexity"] == pretrained["perplexity"]
+    assert metrics["perplexity"] < 0.5 * pretrained["perplexity"]
+    forgetting = metrics["forgetting"]
+    assert (forgetting["measure"], forgetting["head"]) == ("perplexity", "model")
+    assert forgetting["ratio"] == pytest.approx(forgetting["after"] / forgetting["before"])
     assert metrics["eval_tokens"] == 80, metrics  # the color and </s> of each of 40 rows
     # Packed: several rows per sequence, fewer sequences than rows.
     assert metrics["train_windows"] < metrics["train_rows"] == 402
