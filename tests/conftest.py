@@ -15,6 +15,28 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Secrets a user would have in the environment, planted before Ray starts so every process
+# of the session sees them; tests check that no file rayft or Ray writes contains them.
+SECRET_VARIABLES = (
+    "HF_TOKEN",
+    "WANDB_API_KEY",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+for _name in SECRET_VARIABLES:
+    os.environ.setdefault(_name, f"canary-{_name.lower()}-5f3a9c1e7b")
+
+
+def files_holding_secrets(*roots: str | Path) -> list[str]:
+    """Every file under `roots` that contains one of the planted secret values."""
+    secrets = [os.environ[name].encode() for name in SECRET_VARIABLES]
+    found = []
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {s.decode()[:12]}..." for s in secrets if s in data]
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -62,3 +62,13 @@ def test_mlflow_credentials_never_in_the_config_nor_its_errors(tmp_path):
     assert "s3cret" not in str(error.value) and "MLFLOW_TRACKING_PASSWORD" in str(error.value)
     assert tracking.mlflow_tracking_uri(config(tmp_path)).startswith("sqlite:///")
     assert os.path.basename(tracking.mlflow_tracking_uri(config(tmp_path))) == "mlflow.db"
+
+
+def test_the_secret_scan_finds_a_planted_leak(tmp_path):
+    from tests.conftest import files_holding_secrets
+
+    (tmp_path / "clean.txt").write_text("nothing to see")
+    assert files_holding_secrets(tmp_path) == []
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "er" / "leak.log").write_text(f"token={os.environ['HF_TOKEN']}\n")
+    assert len(files_holding_secrets(tmp_path)) == 1

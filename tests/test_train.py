@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from rayft.config import load_config, validate_config
 from rayft.trainer import fit
-from tests.conftest import base_config
+from tests.conftest import base_config, files_holding_secrets
 from tests.fixtures.data import sentiment_rows, write_jsonl
 from tests.fixtures.models import GENERAL_TEXT
 
@@ -135,6 +135,13 @@ def test_full_zero2_baselines_slices_report_and_tracking(
     assert len(client.get_metric_history(run_info.info.run_id, "eval_loss")) == len(steps) - 1
     assert run_info.data.metrics["final.baselines.frozen.accuracy"] == frozen["accuracy"]
     assert {a.path for a in client.list_artifacts(run_info.info.run_id)} >= {"report.md"}
+
+    # Secrets in the environment (planted by conftest before Ray started) are written
+    # nowhere: outputs, checkpoints, the prepared data, the MLflow store, Ray's session logs.
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    assert files_holding_secrets(out, session) == []
 
     # The saved model reloads and predicts exactly what the run's final evaluation did.
     model_dir = out / "model"
