@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", help="output directory (default: <model dir>/../eval-<data file stem>)"
     )
+    export = verbs.add_parser(
+        "export",
+        help="a Hugging Face model directory (safetensors, tokenizer) from a training "
+        "checkpoint: ZeRO shards consolidated, LoRA merged on request",
+    )
+    export.add_argument("--checkpoint", required=True, help="a Ray Train checkpoint directory")
+    export.add_argument("--out", required=True, help="the model directory to write")
+    export.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA runs: merge the adapters into the model (default: write the peft adapter)",
+    )
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     synth = data.add_parser("synth", help="write a synthetic labeled corpus (jsonl shards)")
     synth.add_argument("--rows", type=int, required=True, help="rows to write")
     synth.add_argument("--out", required=True, help="output directory")
@@ -198,7 +211,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayft.export import main_args
+
+    return main_args(args)
+
+
 COMMANDS = {
+    "export": cmd_export,
     "train": cmd_train,
     "validate": cmd_validate,
     "data": cmd_data,

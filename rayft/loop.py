@@ -13,7 +13,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -312,6 +311,28 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     micro_done = 0
     overall_epoch = 0.0
 
+    def save_state(epoch: int, micro: int, metrics: dict[str, Any]) -> str:
+        """Every rank's ZeRO shard and, from rank 0, what a resume or `rayft export`
+        needs besides: position, history, the config, labels and new-head names."""
+        snapshot = {
+            "phase": phases.index(phase),
+            "epoch": epoch,
+            "micro": micro,
+            "step": step,
+            "world_size": world,
+            "history": history,
+            "metrics": metrics,
+            "forgetting_before": state.get("forgetting_before"),
+            "pretrained_eval": state.get("pretrained_eval"),
+            "config": cfg.model_dump(mode="json"),
+            "labels": plan.labels,
+            "heads": heads,
+        }
+        directory = ckpt.save_training_state(engine, snapshot, rank)
+        if rank == 0 and forgetting is not None and forgetting.head_source == "probe":
+            torch.save(forgetting.probe_state(), os.path.join(directory, forgetting_mod.PROBE_FILE))
+        return directory
+
     def report(epoch_progress: float, do_eval: bool, do_ckpt: bool) -> None:
         nonlocal last_eval
         if do_eval:
@@ -333,22 +354,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         checkpoint = None
         directory = None
         if do_ckpt:
-            snapshot = {
-                "phase": phases.index(phase),
-                "epoch": math.floor(epoch_progress + 1e-9),
-                "micro": micro_done,
-                "step": step,
-                "world_size": world,
-                "history": history,
-                "metrics": metrics,
-                "forgetting_before": state.get("forgetting_before"),
-                "pretrained_eval": state.get("pretrained_eval"),
-            }
-            directory = ckpt.save_training_state(engine, snapshot, rank)
-            if rank == 0 and forgetting is not None and forgetting.head_source == "probe":
-                torch.save(
-                    forgetting.probe_state(), os.path.join(directory, forgetting_mod.PROBE_FILE)
-                )
+            directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
@@ -525,7 +531,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if task.generate is not None and config.get("prompts"):
         generations = task.generate(engine, config["prompts"], load_tokenizer(cfg), cfg)
     full_state = ckpt.full_state_dict(engine, rank)
-    export_dir = None
     metrics = {
         "step": step,
         "epoch": round(overall_epoch, 4),
@@ -567,9 +572,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             [(r["source"], r["line"]) for r in predictions],
         )
     history.append({k: v for k, v in metrics.items() if k != "done"})
+    # The final checkpoint is a training state too (resumable, `rayft export`), with the
+    # exported model beside it; a resume from it finds every epoch done.
+    export_dir = save_state(phase.epochs, 0, {k: v for k, v in metrics.items() if k != "done"})
     metrics.update(final_extra)
     if rank == 0:
-        export_dir = tempfile.mkdtemp(prefix="rayft-export-")
         ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)
         with open(os.path.join(export_dir, HISTORY_FILE), "w") as handle:
             for entry in history:
@@ -587,8 +594,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             json.dump(asdict(plan), handle, indent=2)
     del full_state
     dist.barrier()
-    checkpoint = ray.train.Checkpoint.from_directory(export_dir) if export_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
-    if export_dir:
-        shutil.rmtree(export_dir, ignore_errors=True)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
+    shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from rayft.config import validate_config
 from rayft.data.read import BLANK, iter_records
@@ -225,3 +226,25 @@ def test_toy_ner_learns_with_lora_on_zero3(tmp_path, ray_session):
     assert adapter["peft_type"] == "LORA" and set(adapter["target_modules"]) == {"query", "value"}
     exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "out/model")
     assert exported.config.id2label[0] == "B-location"
+    # `rayft export` of the final checkpoint: ZeRO-3 shards consolidated; merged, the
+    # model equals the run's own export; unmerged, the adapter on the base equals it too.
+    from peft import PeftModel
+
+    from rayft.cli import main
+
+    checkpoint = metrics["checkpoint_path"]
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    assert (
+        main(["export", "--checkpoint", checkpoint, "--out", str(merged_dir), "--merge-lora"]) == 0
+    )
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(adapter_dir)]) == 0
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    with torch.no_grad():
+        reference = exported.eval()(input_ids=ids).logits
+        merged = AutoModelForTokenClassification.from_pretrained(merged_dir).eval()
+        assert torch.allclose(merged(input_ids=ids).logits, reference, atol=1e-5)
+        base = AutoModelForTokenClassification.from_pretrained(
+            model, num_labels=exported.config.num_labels
+        )
+        tuned = PeftModel.from_pretrained(base, adapter_dir).eval()
+        assert torch.allclose(tuned(input_ids=ids).logits, reference, atol=1e-5)

@@ -158,6 +158,14 @@ def test_full_zero2_baselines_slices_report_and_tracking(
         probs.max(-1).values, torch.tensor([p["score"] for p in predicted]), atol=1e-4
     )
 
+    # `rayft export` of the final checkpoint (ZeRO-2 shards, consolidated) predicts as
+    # the run's own export does.
+    from rayft.cli import main
+
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", metrics["checkpoint_path"], "--out", str(exported)]) == 0
+    assert torch.allclose(predict(exported, texts), predict(model_dir, texts), atol=1e-5)
+
 
 def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session, bare_backbone):
     """Also labels given as integers (0 / 1): they name the classes as strings. The body is
@@ -192,6 +200,15 @@ def test_frozen_zero3_integer_labels_trains_only_the_head(tmp_path, ray_session,
     assert body, "the exported model has a body"
     for name, value in body.items():
         assert torch.equal(value, pretrained[name.removeprefix("bert.")]), name
+    # `rayft export` consolidates ZeRO-3 shards, frozen parameters included, to the same
+    # weights as the run's own export.
+    from rayft.cli import main
+
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", metrics["checkpoint_path"], "--out", str(exported)]) == 0
+    again = load_file(exported / "model.safetensors")
+    assert again.keys() == trained.keys()
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
 
     # Forgetting: nothing to forget with a frozen body, at every evaluation.
     forgetting = metrics["forgetting"]
