@@ -29,6 +29,7 @@ from rayft.config import (
     ConfigError,
     RayftConfig,
     TuneSection,
+    baselines,
     deep_merge,
     dump_config,
     load_config,
@@ -37,8 +38,7 @@ from rayft.config import (
 )
 from rayft.console import say
 from rayft.data import fs
-from rayft.evaluate import within_forgetting, within_forgetting_key
-from rayft.forgetting import read_general_text
+from rayft.evaluate import add_within_forgetting, within_forgetting_key
 from rayft.tasks import get_task
 
 TUNE_DIR = "tune"
@@ -153,21 +153,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) ->
     out = os.path.join(base["output_dir"], TUNE_DIR, "trials", trial_id)
     raw = deep_merge(base, params)
     raw.update(output_dir=out, storage_path=os.path.join(out, "ray"), run_name=f"trial-{trial_id}")
-    # MLflow and W&B log a search through Ray Tune's own callbacks (a run per trial); the
-    # frozen baseline runs once, for the best trial, after the search.
-    raw["tracking"].update(mlflow=False, wandb=False)
-    raw["eval"]["baselines"] = [b for b in baselines_of(raw) if b != "frozen"]
     # Every trial reads the shards the driver prepared (cache_dir is not part of their key).
     raw["data"]["cache_dir"] = raw["data"]["cache_dir"] or os.path.join(
         base["storage_path"], "prepared"
     )
     return resolve_paths(validate_config(raw))
-
-
-def baselines_of(raw: dict[str, Any]) -> list[str]:
-    from rayft.config import baselines
-
-    return baselines(validate_config(raw))
 
 
 def objective(cfg: RayftConfig) -> str:
@@ -264,11 +254,9 @@ def _with_objective(
     metrics: dict[str, Any], cfg: RayftConfig, metric: str, mode: str
 ) -> dict[str, Any]:
     """Add `<tune.metric>_within_forgetting` when the search is bounded by forgetting."""
-    limit = cfg.eval.max_forgetting
-    if limit is None or not isinstance(metrics.get(metric), (int, float)):
-        return metrics
-    value = within_forgetting(metrics[metric], metrics.get("forgetting_ratio"), limit, mode)
-    return {**metrics, within_forgetting_key(metric): value}
+    metrics = dict(metrics)
+    add_within_forgetting(metrics, cfg, metric, mode)
+    return metrics
 
 
 def _report(tune: Any, metrics: dict[str, Any], path: str | None) -> None:
@@ -358,6 +346,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     from ray import tune
 
     from rayft.data.prepare import check_sources, prepare
+    from rayft.forgetting import read_general_text
     from rayft.trainer import init_ray
 
     t = cfg.tune
@@ -371,6 +360,10 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     prepare(cfg, files)  # once, here: every trial reuses the shards
     base = cfg.model_dump(mode="json", exclude={"tune"})
     base["train"]["eval_every_steps"] = t.eval_every_steps or base["train"]["eval_every_steps"]
+    # MLflow and W&B log a search through Ray Tune's own callbacks (a run per trial); the
+    # frozen baseline runs once, for the best trial, after the search.
+    base["tracking"].update(mlflow=False, wandb=False)
+    base["eval"]["baselines"] = [b for b in baselines(cfg) if b != "frozen"]
     if t.scheduler == "pbt" and not base["checkpoint"]["every_steps"]:
         # PBT clones the state behind a trial's latest report: every report needs one.
         base["checkpoint"]["every_steps"] = base["train"]["eval_every_steps"]
