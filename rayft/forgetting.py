@@ -202,9 +202,9 @@ def backbone_kind(cfg: RayftConfig) -> Kind | None:
 
 def _pretrained_head(
     cfg: RayftConfig, kind: Kind
-) -> tuple[torch.nn.Module | None, torch.Tensor, str | None]:
+) -> tuple[torch.nn.Module | None, Any, str | None]:
     """The checkpoint's own LM head when it has one (loaded, and the only module beside
-    the backbone), else None and why; and the pretrained input embeddings (for a probe)."""
+    the backbone), else None and why; and the pretrained LM model (a probe's embeddings)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     m = cfg.model
@@ -223,17 +223,12 @@ def _pretrained_head(
         for name, child in lm.named_children()
         if name != prefix and any(True for _ in child.parameters())
     ]
-    embeddings = lm.get_input_embeddings().weight.detach().clone()
     if missing:
-        return None, embeddings, f"the checkpoint has no weights for {missing[0]}"
+        return None, lm, f"the checkpoint has no weights for {missing[0]}"
     if len(heads) != 1:
         names = [n for n, c in lm.named_children() if n != prefix]
-        return (
-            None,
-            embeddings,
-            f"its LM head is split over {names}, which rayft does not reassemble",
-        )
-    return heads[0].eval().requires_grad_(False), embeddings, None
+        return None, lm, f"its LM head is split over {names}, which rayft does not reassemble"
+    return heads[0].eval().requires_grad_(False), lm, None
 
 
 def read_general_text(cfg: RayftConfig) -> list[str] | None:
@@ -357,7 +352,7 @@ def build(
     if cfg.task == "causal_lm":
         batches = _batches(seqs, tokenizer, kind, size, rng)
         return Forgetting(kind, "model", None, batches, _scored_tokens(batches, kind), text)
-    head, embeddings, why = _pretrained_head(cfg, kind)
+    head, lm, why = _pretrained_head(cfg, kind)
     if head is not None:
         batches = _batches(seqs, tokenizer, kind, size, rng)
         return Forgetting(kind, "pretrained", head, batches, _scored_tokens(batches, kind), text)
@@ -365,13 +360,7 @@ def build(
         return f"the checkpoint has no language-model head to compute perplexity with ({why})"
     if len(seqs) < 2:
         return "eval.general_text is too short to train a probe on half and score the other"
-    from transformers import AutoConfig
-
-    hidden = AutoConfig.from_pretrained(
-        cfg.model.name_or_path,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    ).hidden_size
+    embeddings = lm.get_input_embeddings().weight.detach().clone()
     torch.manual_seed(MASK_SEED)  # the same initial probe on every rank
     # Trained on one half, scored on the other: a probe that memorized its targets would
     # make the backbone's drift look larger than it is.
@@ -381,6 +370,6 @@ def build(
     ]
     batches = _batches(seqs[1::2], tokenizer, kind, size, rng)
     return Forgetting(
-        kind, "probe", ProbeHead(hidden, embeddings), batches, _scored_tokens(batches, kind),
+        kind, "probe", ProbeHead(lm.config.hidden_size, embeddings), batches, _scored_tokens(batches, kind),
         text, probe_batches, note=why,
     )  # fmt: skip

@@ -156,9 +156,7 @@ def evaluate(
             if real.any() and not real.all():
                 batch = {k: v[real] for k, v in batch.items()}
             sources, lines = batch.pop("_source"), batch.pop("_line")
-            slices = batch.pop("_slice", None)
-            if slices is None:
-                slices = np.full(len(sources), None, dtype=object)
+            slices = batch.pop("_slice")  # eval.slice_column's value, or None
             inputs = _to_device(task.collate(batch, pad_id), engine.device)
             outputs = engine(**model_inputs(inputs))
             if not real.any():
@@ -450,7 +448,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     micro_done += 1
                     continue
                 for name in ("_pad", "_source", "_line", "_slice"):
-                    batch.pop(name, None)
+                    batch.pop(name)
                 rows = len(batch["input_ids"])
                 # Close the accumulation at the epoch's last micro-batch too, so epochs
                 # end on an optimizer step (that step's gradient is scaled by 1/grad_accum).
