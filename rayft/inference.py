@@ -31,7 +31,7 @@ from rayft.config import (
     validate_config,
 )
 from rayft.console import say
-from rayft.data.read import BLANK, DataError, expand_sources, peek_columns
+from rayft.data.read import BLANK, DataError, expand_sources
 from rayft.data.write import WRITE_FORMATS, LazyJsonLines, RowWriter
 from rayft.tasks import Task, get_task
 
@@ -167,19 +167,13 @@ class Predictor:
     def _inputs(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """A record's model inputs, renamed and cleaned as the data stage does (the model
         learned from cleaned text); length filters and dedup are for training data only."""
-        from rayft.data.clean import clean_text
+        from rayft.data.prepare import clean_fields, renamed
 
-        data = self.cfg.data
-        if data.columns:
-            record = {data.columns.get(k, k): v for k, v in record.items()}
-        fields, reason = self.task.extract_inputs(record, data)
+        data, task = self.cfg.data, self.task
+        fields, reason = task.extract_inputs(renamed(record, data), data)
         if fields is None:
             return None, reason
-        task = self.task
-        rewritable = task.text_fields if task.rewritable_fields is None else task.rewritable_fields
-        for name in rewritable:
-            if fields.get(name) is not None:
-                fields[name], _ = clean_text(fields[name], data.clean)
+        clean_fields(task, fields, data)
         if not fields[task.text_fields[0]]:
             return None, "empty_after_cleaning"
         return fields, None
@@ -360,19 +354,18 @@ def _check_input_columns(cfg: RayftConfig, task: Task, path: str) -> None:
     """The columns prediction needs (the task's, less labels / tags / answers) are in the
     first file's first record, and none is named like a prediction column (which would
     overwrite it in the output)."""
+    from rayft.data.prepare import missing_column
+
     needed = {k: v for k, v in task.columns(cfg.data).items() if k not in task.label_columns}
-    columns, has_rows = peek_columns(path, forced=cfg.data.format)
-    if not has_rows:
-        raise DataError(f"--input {path} is empty (no rows)")
+    columns, missing = missing_column(cfg, path, needed, f"--input {path} is empty (no rows)")
     if columns is None:
         return  # nothing parsable in the first lines: the quarantine will say why
-    renamed = [cfg.data.columns.get(c, c) for c in columns]
-    for key, column in needed.items():
-        if column not in renamed:
-            raise DataError(
-                f"{key} '{column}' not found in {path} (columns: {', '.join(columns)}); pass "
-                f"{key}=<column>, or --config with the training run's data settings"
-            )
+    if missing:
+        key, column = missing
+        raise DataError(
+            f"{key} '{column}' not found in {path} (columns: {', '.join(columns)}); pass "
+            f"{key}=<column>, or --config with the training run's data settings"
+        )
     clash = [c for c in task.prediction_columns if c in columns]
     if clash:
         raise DataError(

@@ -111,23 +111,34 @@ def check_sources(cfg: RayftConfig) -> dict[str, list[str]]:
         if cfg.eval.slice_column and evaluated:  # a misspelt column would hide the slices
             needed["eval.slice_column"] = cfg.eval.slice_column
         for path in paths[:PEEK_FILES]:
-            columns, has_rows = peek_columns(path, forced=cfg.data.format)
-            if not has_rows:
-                raise DataError(f"data.{split}: {path} is empty (no rows); remove it or fill it")
-            if columns is None:
-                continue  # nothing parsable in the first lines: the quarantine will say why
-            renamed = [cfg.data.columns.get(c, c) for c in columns]
-            for key, column in needed.items():
-                if column not in renamed:
-                    hint = ""
-                    if cfg.data.columns:
-                        hint = f" after data.columns renames {cfg.data.columns}"
-                    raise DataError(
-                        f"{key} '{column}' not found in {os.path.basename(path)} "
-                        f"(columns: {', '.join(columns)}){hint}; full path: {path}. "
-                        f"Set {key} to one of the columns, or rename with data.columns"
-                    )
+            empty = f"data.{split}: {path} is empty (no rows); remove it or fill it"
+            columns, missing = missing_column(cfg, path, needed, empty)
+            if missing:
+                key, column = missing
+                hint = ""
+                if cfg.data.columns:
+                    hint = f" after data.columns renames {cfg.data.columns}"
+                raise DataError(
+                    f"{key} '{column}' not found in {os.path.basename(path)} "
+                    f"(columns: {', '.join(columns)}){hint}; full path: {path}. "
+                    f"Set {key} to one of the columns, or rename with data.columns"
+                )
     return files
+
+
+def missing_column(
+    cfg: RayftConfig, path: str, needed: dict[str, str], empty: str
+) -> tuple[list[str] | None, tuple[str, str] | None]:
+    """The file's columns (None when nothing in its first lines parses: the quarantine
+    will say why) and the first of `needed` (config key -> column) they lack after
+    `data.columns` renames, as (key, column), or None. DataError(`empty`) when the file
+    has no rows."""
+    columns, has_rows = peek_columns(path, forced=cfg.data.format)
+    if not has_rows:
+        raise DataError(empty)
+    present = [cfg.data.columns.get(c, c) for c in columns or ()]
+    absent = [(key, column) for key, column in needed.items() if column not in present]
+    return columns, absent[0] if columns is not None and absent else None
 
 
 @contextlib.contextmanager
@@ -259,6 +270,23 @@ def _joined_text(task: Task, fields: dict[str, Any] | None) -> str | None:
     return "\n".join(fields[f] for f in task.text_fields if fields.get(f) is not None)
 
 
+def renamed(record: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    """A record with its columns renamed by `data.columns`."""
+    if not data.columns:
+        return record
+    return {data.columns.get(k, k): v for k, v in record.items()}
+
+
+def clean_fields(task: Task, fields: dict[str, Any], data: DataConfig) -> set[str]:
+    """Clean, in place, the text fields cleaning may rewrite; the steps that changed any."""
+    steps: set[str] = set()
+    for name in task.rewritable:
+        if fields.get(name) is not None:
+            fields[name], changed = clean_text(fields[name], data.clean)
+            steps.update(changed)
+    return steps
+
+
 def _annotate_record(
     record_json: str | None,
     reason: str | None,
@@ -272,9 +300,7 @@ def _annotate_record(
         row = _Row(reason, None, split)
         row.part = "blank" if reason == BLANK else REJECTED
         return row
-    record = json.loads(record_json)
-    if data.columns:
-        record = {data.columns.get(k, k): v for k, v in record.items()}
+    record = renamed(json.loads(record_json), data)
     fields, reason = task.extract(record, data)
     row = _Row(reason, fields, split)
     if fields is None:
@@ -289,13 +315,7 @@ def _annotate_record(
         if group is None:
             row.reject(f"missing_{data.split_by}")  # the column `data.split_by` names
             return row
-    rewritable = task.text_fields if task.rewritable_fields is None else task.rewritable_fields
-    steps: set[str] = set()
-    for name in rewritable:
-        if fields.get(name) is not None:
-            fields[name], changed = clean_text(fields[name], data.clean)
-            steps.update(changed)
-    row.cleaned = sorted(steps)
+    row.cleaned = sorted(clean_fields(task, fields, data))
     primary = fields[task.text_fields[0]]
     if not primary:
         row.reject("empty_after_cleaning")
@@ -310,7 +330,7 @@ def _annotate_record(
         if data.overlong == "drop":
             row.reject("too_long_chars", FILTERED)
         else:
-            for name in rewritable:
+            for name in task.rewritable:
                 if fields.get(name) is not None:
                     fields[name] = fields[name][: data.max_chars]
             row.truncated = "chars"

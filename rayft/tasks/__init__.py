@@ -88,6 +88,11 @@ class Task:
     generate_rows: Callable[[Any, dict[str, np.ndarray], Any, RayftConfig], list[Any]] | None = None
 
     @property
+    def rewritable(self) -> tuple[str, ...]:
+        """The text fields cleaning and `data.max_chars` may rewrite."""
+        return self.text_fields if self.rewritable_fields is None else self.rewritable_fields
+
+    @property
     def row_columns(self) -> list[str]:
         """What is read back from prepared shards: the task's fields and provenance."""
         return [*self.fields, "_source", "_line", "_slice"]
