@@ -142,16 +142,7 @@ def callback(run: TrackingRun) -> Any:
                     self.writer.add_scalar(key, value, step)
                 self.writer.flush()
             if run.mlflow_run_id:
-                import mlflow
-
-                client = mlflow.MlflowClient(tracking_uri=run.mlflow_uri)
-                from mlflow.entities import Metric
-
-                stamp = int(1000 * time.time())
-                client.log_batch(
-                    run.mlflow_run_id,
-                    metrics=[Metric(k, v, stamp, step) for k, v in values.items()],
-                )
+                _mlflow_metrics(run, values, step)
             if run.wandb:
                 if self.wandb is None:
                     import wandb
@@ -175,20 +166,25 @@ def callback(run: TrackingRun) -> Any:
     return Track()
 
 
+def _mlflow_metrics(run: TrackingRun, values: dict[str, float], step: int, prefix: str = "") -> Any:
+    """Log `values` at `step` to the run's MLflow run (in MLflow's batches of 1000);
+    returns the client."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=run.mlflow_uri)
+    stamp = int(1000 * time.time())
+    items = [Metric(f"{prefix}{k}", v, stamp, step) for k, v in values.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run.mlflow_run_id, metrics=items[i : i + 1000])
+    return client
+
+
 def finish(run: TrackingRun, metrics: dict[str, Any], failed: bool = False) -> None:
     """Final figures (baselines and forgetting included, flattened) and the report files."""
     summary = scalars(_flatten(metrics))
     if run.mlflow_run_id:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=run.mlflow_uri)
-        from mlflow.entities import Metric
-
-        stamp = int(1000 * time.time())
-        step = int(metrics.get("step", 0))
-        items = [Metric(f"final.{k}", v, stamp, step) for k, v in summary.items()]
-        for i in range(0, len(items), 500):
-            client.log_batch(run.mlflow_run_id, metrics=items[i : i + 500])
+        client = _mlflow_metrics(run, summary, int(metrics.get("step", 0)), prefix="final.")
         for name in ARTIFACTS:
             path = os.path.join(run.output_dir, name)
             if os.path.isfile(path):
