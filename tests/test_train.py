@@ -233,8 +233,8 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         mlm_model,
         toy_data,
         tmp_path / "overtrained",
-        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 2},
-        checkpoint={"every_steps": 2, "keep": 20},
+        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1},
+        checkpoint={"every_steps": 1, "keep": 20},
         eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
               "baselines": ["pretrained"]},
     )  # fmt: skip
@@ -249,12 +249,11 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
     steps = history(out)
     assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.1
-    # The selected checkpoint: the lowest eval loss among those within the limit, if any.
+    # The selected checkpoint: the lowest eval loss among those within the limit (the
+    # first steps still are), although the run ended over it.
     within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.1]
+    assert within, [(h["step"], h["forgetting_ratio"], h["eval_loss"]) for h in steps]
     selected = metrics["selected_checkpoint"]
-    if within:
-        best = min(within, key=lambda h: h["eval_loss"])
-        assert selected["step"] == best["step"] and selected["within_forgetting"] is True
-    else:
-        assert selected["within_forgetting"] is False
+    best = min(within, key=lambda h: h["eval_loss"])
+    assert selected["step"] == best["step"] and selected["within_forgetting"] is True
     assert "FLAGGED" in (out / "report.md").read_text()
