@@ -4,8 +4,13 @@ A checkpoint directory, as Ray Train merges it from every worker:
 
     rayft_state.json            written by rank 0: phase, epoch, step, world size, metrics
     deepspeed/ckpt/...          each rank's ZeRO shard, written by that rank
-    deepspeed/complete.rank<r>  written by rank r once its shard is on disk
+    deepspeed/worker.rank<r>.pt rank r's RNG states and running totals (weights_only)
+    deepspeed/complete.rank<r>  written by rank r last: the size of every file it wrote
     model/, adapter/            only in the final checkpoint: the exported model
+
+A checkpoint is used only when complete: the state file is there and every rank's files
+are there at the sizes their marker records, so one cut short while being written (a
+node lost mid-save, a full disk) is told apart from a good one.
 """
 
 from __future__ import annotations
@@ -31,35 +36,131 @@ ADAPTER_DIR = "adapter"
 RUN_INFO = "rayft.json"
 
 
+WORKER_FILE = "worker.rank{rank}.pt"
+MARKER_FILE = "complete.rank{rank}"
+
+
 class IncompleteCheckpoint(RuntimeError):
     pass
 
 
-def save_training_state(engine: Any, state: dict[str, Any], rank: int) -> str:
-    """Every rank writes its shard into its own local temp dir (Ray merges them)."""
+def save_training_state(
+    engine: Any, state: dict[str, Any], rank: int, worker: dict[str, Any] | None = None
+) -> str:
+    """Every rank writes its shard (and its own RNG states and totals, ``worker``) into
+    its own local temp dir, which Ray merges with the others; the completion marker,
+    listing every file the rank wrote and its size, comes last."""
     root = tempfile.mkdtemp(prefix="rayft-ckpt-")
     ds_dir = os.path.join(root, DS_DIR)
     engine.save_checkpoint(ds_dir, tag=TAG)
-    Path(ds_dir, f"complete.rank{rank}").touch()
+    if worker is not None:
+        torch.save(worker, os.path.join(ds_dir, WORKER_FILE.format(rank=rank)))
     if rank == 0:
         Path(root, STATE_FILE).write_text(json.dumps(state, indent=2))
+    written = {
+        str(path.relative_to(root)): path.stat().st_size
+        for path in sorted(Path(root).rglob("*"))
+        if path.is_file()
+    }
+    Path(ds_dir, MARKER_FILE.format(rank=rank)).write_text(json.dumps(written, indent=1))
     return root
 
 
 def read_state(directory: str) -> dict[str, Any]:
-    """The rayft state of a checkpoint, after checking that every rank's shard arrived."""
-    state_path = Path(directory, STATE_FILE)
-    if not state_path.is_file():
-        raise IncompleteCheckpoint(f"{directory}: no {STATE_FILE}")
-    state = json.loads(state_path.read_text())
-    missing = [
-        r
-        for r in range(state["world_size"])
-        if not Path(directory, DS_DIR, f"complete.rank{r}").is_file()
-    ]
-    if missing:
-        raise IncompleteCheckpoint(f"{directory}: shards of rank(s) {missing} are missing")
+    """The rayft state of a local checkpoint directory, once `check_complete` passes."""
+    check_complete(directory)
+    return json.loads(Path(directory, STATE_FILE).read_text())
+
+
+def check_complete(path: str, filesystem: Any = None) -> dict[str, Any]:
+    """The checkpoint's rayft state if every rank's files are there at the sizes their
+    markers recorded; IncompleteCheckpoint saying what is missing otherwise. Works on
+    storage URIs (or a pyarrow ``filesystem``) without downloading the shards."""
+    import pyarrow.fs as pafs
+
+    from rayft.data.fs import _resolve
+
+    if filesystem is None:
+        filesystem, path = _resolve(path)
+
+    def read(relative: str) -> str | None:
+        where = f"{path.rstrip('/')}/{relative}"
+        if filesystem.get_file_info(where).type != pafs.FileType.File:
+            return None
+        with filesystem.open_input_stream(where) as stream:
+            return stream.read().decode()
+
+    text = read(STATE_FILE)
+    if text is None:
+        raise IncompleteCheckpoint(f"{path}: no {STATE_FILE}")
+    try:
+        state = json.loads(text)
+        world = int(state["world_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IncompleteCheckpoint(f"{path}: unreadable {STATE_FILE} ({exc})") from None
+    selector = pafs.FileSelector(path, recursive=True)
+    sizes = {
+        info.path[len(path.rstrip("/")) + 1 :]: info.size
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    }
+    markers = {}
+    for rank in range(world):
+        marker = read(f"{DS_DIR}/{MARKER_FILE.format(rank=rank)}")
+        if marker is None:
+            raise IncompleteCheckpoint(
+                f"{path}: rank {rank} of {world} never finished writing its shard"
+            )
+        try:
+            markers[rank] = json.loads(marker)
+        except ValueError:
+            raise IncompleteCheckpoint(f"{path}: rank {rank}'s marker is cut short") from None
+    for rank, expected in markers.items():
+        for name, size in expected.items():
+            if sizes.get(name) != size:
+                found = "missing" if name not in sizes else f"{sizes[name]} bytes"
+                raise IncompleteCheckpoint(
+                    f"{path}: {name} of rank {rank} is {found}, expected {size} bytes"
+                )
     return state
+
+
+def newest_complete(
+    paths: list[str], filesystem: Any = None
+) -> tuple[str, dict[str, Any], list[str]]:
+    """The newest complete checkpoint of ``paths`` (oldest first), its state, and why each
+    newer one was passed over. IncompleteCheckpoint when none is complete: a run that
+    was asked to resume must not quietly start again at step 0."""
+    skipped = []
+    for path in reversed(paths):
+        try:
+            return path, check_complete(path, filesystem), skipped
+        except IncompleteCheckpoint as exc:
+            skipped.append(str(exc))
+    raise IncompleteCheckpoint(
+        "no complete checkpoint to resume from (refusing to start again at step 0): "
+        + ("; ".join(skipped) or "none found")
+    )
+
+
+def checkpoints_of_run(run_dir: str, filesystem: Any = None) -> list[str]:
+    """The checkpoint directories Ray Train wrote for a run, oldest first (their names
+    hold the time they were saved). Paths are ``run_dir``'s kind: a URI or local path,
+    or paths within ``filesystem`` when one is given."""
+    import pyarrow.fs as pafs
+
+    from rayft.data.fs import _resolve, join
+
+    where = run_dir
+    if filesystem is None:
+        filesystem, where = _resolve(run_dir)
+    selector = pafs.FileSelector(where, allow_not_found=True)
+    names = sorted(
+        info.base_name
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    return [join(run_dir, name) for name in names]
 
 
 def restore_training_state(engine: Any, directory: str) -> None:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune a model", epilog=help_epilog(), formatter_class=formatter
     )
     _config_args(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run this output_dir last started (or `run_name`) from its newest "
+        "complete checkpoint; an error if there is none",
+    )
     validate = verbs.add_parser(
         "validate",
         help="check a config and its data files without running anything",
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from rayft.trainer import fit
 
-    metrics = fit(load_config(args.config, args.overrides))
+    metrics = fit(load_config(args.config, args.overrides), resume=args.resume)
     forgetting = metrics.get("forgetting", {})
     if forgetting.get("exceeded"):
         print(

@@ -397,6 +397,12 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1, description="Checkpoints kept in storage (best by `metric`).")
     metric: str = Field("eval_loss", description="Metric that ranks checkpoints.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    ledger: bool = Field(
+        False,
+        description="Record which rows each worker trained on, at which step, under "
+        "`<storage_path>/<run>/ledger` (audits that a resumed run skipped and repeated "
+        "nothing: `rayft.resilience.audit_ledger`). Costs a small file per report.",
+    )
 
 
 BASELINES = ("majority", "frozen", "pretrained")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from rayft import checkpoint as ckpt
 from rayft import forgetting as forgetting_mod
-from rayft import methods
+from rayft import methods, resilience
 from rayft.config import RayftConfig, baselines
 from rayft.console import say
 from rayft.engine import initialize, zero3_init_context
@@ -187,6 +187,26 @@ def evaluate(
     return metrics
 
 
+def _restore_point(run_dir: str, resume_from: str | None, rank: int) -> Any:
+    """The checkpoint to continue from, or None for a fresh start. The run's newest
+    complete checkpoint in storage comes first: after a worker failure that may be newer
+    than the one Ray Train registered (every rank had written it, the controller had not
+    yet heard), and a run the driver reran under the same name continues too. A newer
+    incomplete one (cut short while being written) is passed over with a warning; if
+    none is complete the run fails rather than start again at step 0. With none at all,
+    the one the driver chose (`--resume`, PBT, a resumed search), if any."""
+    import ray.train
+
+    candidates = ckpt.checkpoints_of_run(run_dir)
+    if not candidates:
+        return ray.train.Checkpoint(resume_from) if resume_from else None
+    path, _, skipped = ckpt.newest_complete(candidates)
+    if rank == 0:
+        for problem in skipped:
+            say(f"WARNING: skipping an incomplete checkpoint: {problem}; using {path}")
+    return ray.train.Checkpoint(path)
+
+
 class _Progress:
     """Rank 0's console line: step, loss, lr, samples/s, ETA from the pace of training so
     far (model loading and evaluation excluded)."""
@@ -248,17 +268,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # Where to start: a fresh run, or the latest complete checkpoint after a restart.
     state: dict[str, Any] = {"phase": 0, "epoch": 0, "micro": 0, "step": 0, "history": []}
     resume_dir = None
-    restored = ray.train.get_checkpoint()
-    if restored is None and config.get("resume_from"):
-        restored = ray.train.Checkpoint(config["resume_from"])
+    run_dir = config["run_dir"]
+    restored = _restore_point(run_dir, config.get("resume_from"), rank)
     if restored is not None:
         resume_dir = restored.to_directory()
         state = ckpt.read_state(resume_dir)
+        if state["world_size"] != world:
+            raise RuntimeError(
+                f"{restored.path} was written by {state['world_size']} workers and this run "
+                f"has {world}: a ZeRO checkpoint resumes only at its own world size. Set "
+                f"scaling.num_workers={state['world_size']}, or `rayft export` it and start a "
+                "new run from the exported model"
+            )
         if rank == 0:
             say(
                 f"resuming from checkpoint at step {state['step']} "
-                f"(phase {phases[state['phase']].name}, epoch {state['epoch']})"
+                f"(phase {phases[state['phase']].name}, epoch {state['epoch']}): {restored.path}"
             )
+    fault = resilience.Fault.parse(config["fault"]) if config.get("fault") else None
+    ledger = resilience.Ledger(run_dir, rank, state["step"]) if cfg.checkpoint.ledger else None
     history: list[dict[str, Any]] = state["history"]
     device = ray.train.torch.get_device()
     # Forgetting: general text scored before training and at every evaluation.
@@ -310,8 +338,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     overall_epoch = 0.0
 
     def save_state(epoch: int, micro: int, metrics: dict[str, Any]) -> str:
-        """Every rank's ZeRO shard and, from rank 0, what a resume or `rayft export`
-        needs besides: position, history, the config, labels and new-head names."""
+        """Every rank's ZeRO shard, RNG states and running totals and, from rank 0, what
+        a resume or `rayft export` needs besides: position, history, the config, labels
+        and new-head names."""
         snapshot = {
             "phase": phases.index(phase),
             "epoch": epoch,
@@ -326,7 +355,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "labels": plan.labels,
             "heads": heads,
         }
-        directory = ckpt.save_training_state(engine, snapshot, rank)
+        worker = {
+            "rng": resilience.rng_state(),
+            "loss_total": float(loss_all.total),
+            "loss_count": loss_all.count,
+            "samples": samples,
+            "train_seconds": train_seconds,
+            "data_seconds": data_seconds,
+        }
+        directory = ckpt.save_training_state(engine, snapshot, rank, worker)
         if rank == 0 and forgetting is not None and forgetting.head_source == "probe":
             torch.save(forgetting.probe_state(), os.path.join(directory, forgetting_mod.PROBE_FILE))
         return directory
@@ -349,6 +386,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         add_within_forgetting(metrics, cfg)
         loss_run.reset()
         history.append(metrics)
+        if ledger is not None:
+            ledger.flush()
         checkpoint = None
         directory = None
         if do_ckpt:
@@ -424,6 +463,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 f"{cfg.deepspeed.stage}, {world} worker(s)"
             )
         seed_everything(t.seed + 1000 * (rank + 1) + phase_index)
+        if resume_dir is not None and phase_index == state["phase"]:
+            # Continue this rank's random draws (dropout) and totals where they stopped.
+            worker_file = os.path.join(resume_dir, ckpt.DS_DIR, ckpt.WORKER_FILE.format(rank=rank))
+            saved = torch.load(worker_file, weights_only=True)
+            resilience.set_rng_state(saved["rng"])
+            loss_all.total.fill_(saved["loss_total"])
+            loss_all.count = saved["loss_count"]
+            samples, train_seconds = saved["samples"], saved["train_seconds"]
+            data_seconds = saved["data_seconds"]
         engine.train()
         for epoch in range(start_epoch, phase.epochs):
             micro_done = 0
@@ -441,12 +489,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tick = time.perf_counter()
             waited = time.perf_counter()
             for batch in batches:
-                data_seconds += time.perf_counter() - waited
                 if micro_done >= plan.micro_per_epoch:
                     break  # never more than the agreed count: ranks stay in step
+                data_seconds += time.perf_counter() - waited
                 if micro_done < skip_micro:
                     micro_done += 1
                     continue
+                if ledger is not None:  # the step this micro-batch's gradient goes into
+                    ledger.add(step + 1, phase_index, epoch, batch)
                 for name in ("_pad", "_source", "_line", "_slice"):
                     batch.pop(name)
                 rows = len(batch["input_ids"])
@@ -468,6 +518,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if not boundary:
                     continue
                 step += 1
+                if fault is not None:  # RAYFT_FAULT: tests of the recovery paths
+                    fault.fire(
+                        run_dir, rank, step, config["driver_pid"], before=ledger and ledger.flush
+                    )
                 now = time.perf_counter()
                 train_seconds += now - tick
                 tick = now
@@ -570,6 +624,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             [(r["source"], r["line"]) for r in predictions],
         )
     history.append({k: v for k, v in metrics.items() if k != "done"})
+    if ledger is not None:
+        ledger.flush()
     # The final checkpoint is a training state too (resumable, `rayft export`), with the
     # exported model beside it; a resume from it finds every epoch done.
     export_dir = save_state(phase.epochs, 0, {k: v for k, v in metrics.items() if k != "done"})

@@ -16,7 +16,14 @@ import pyarrow as pa
 
 from rayft import checkpoint as ckpt
 from rayft import tracking
-from rayft.config import RayftConfig, baselines, dump_config, resolve_paths, validate_config
+from rayft.config import (
+    ConfigError,
+    RayftConfig,
+    baselines,
+    dump_config,
+    resolve_paths,
+    validate_config,
+)
 from rayft.console import say
 from rayft.data import fs
 from rayft.data.features import tokenize_block
@@ -24,6 +31,7 @@ from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepa
 from rayft.evaluate import within_forgetting_key
 from rayft.forgetting import read_general_text
 from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
+from rayft.resilience import fault_from_env
 from rayft.tasks import get_task
 
 
@@ -105,6 +113,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
+    run_name = run_name or cfg.run_name or default_run_name(cfg)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
@@ -119,6 +128,9 @@ def build_trainer(
             "resume_from": resume_from,
             "prompts": prompts,
             "general_text": general_text,  # eval.general_text, read by the driver
+            "run_dir": fs.join(cfg.storage_path, run_name),  # ledger, injected faults
+            "fault": fault_from_env(),
+            "driver_pid": os.getpid(),
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -128,7 +140,7 @@ def build_trainer(
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
-            name=run_name or cfg.run_name or default_run_name(cfg),
+            name=run_name,
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep,
@@ -141,6 +153,103 @@ def build_trainer(
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
+
+
+RUN_FILE = "run.json"  # in output_dir: the run it last started, for `--resume`
+
+
+class TrainingFailed(RuntimeError):
+    """The worker group failed more often than `scaling.max_failures` allows."""
+
+    @classmethod
+    def from_ray(cls, error: BaseException, cfg: RayftConfig) -> TrainingFailed:
+        budget = cfg.scaling.max_failures
+        allowed = "no restarts" if budget == 0 else f"{budget} restart(s)"
+        failures = getattr(error, "worker_failures", None) or {}
+        if failures:
+            what = "; ".join(
+                _describe_worker_failure(rank, exc) for rank, exc in sorted(failures.items())
+            )
+        else:
+            what = " ".join(str(error).split())[:600]
+        return cls(
+            f"training failed after {allowed} (scaling.max_failures={budget}): {what}. "
+            "Raise scaling.max_failures to restart from the latest checkpoint, or rerun "
+            "the command with --resume to continue from it."
+        )
+
+
+def _describe_worker_failure(rank: int, error: BaseException) -> str:
+    """ "worker rank 1 (pid 2448 on 10.0.0.3) ...": who failed and the gist of why."""
+    import re
+
+    text = str(error)
+    pid = re.search(r"\bpid=(\d+)", text)
+    node = re.search(r"node_ip='([^']+)'", text)
+    where = ", ".join(part for part in (pid and f"pid {pid[1]}", node and f"on {node[1]}") if part)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    gist = [line for line in lines if "died" in line and len(line) < 200][:1] or lines[-1:]
+    if gist and "died" in gist[0]:
+        gist.append("(killed, out of memory, or crashed)")
+    return f"worker rank {rank}{f' ({where})' if where else ''} failed: {' '.join(gist)}"
+
+
+def run_trainer(trainer: Any, cfg: RayftConfig) -> Any:
+    """`trainer.fit()`, its failures (Ray raises some, returns others) as TrainingFailed."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrainingFailed.from_ray(exc, cfg) from exc
+    if result.error is not None:
+        raise TrainingFailed.from_ray(result.error, cfg) from result.error
+    return result
+
+
+def resumed_run_name(cfg: RayftConfig) -> str:
+    """The run `--resume` continues: `run_name`, else the one output_dir last started."""
+    if cfg.run_name:
+        return cfg.run_name
+    recorded = os.path.join(cfg.output_dir, RUN_FILE)
+    if not os.path.isfile(recorded):
+        raise ConfigError(
+            [f"--resume: {recorded} not found, so no run was started with output_dir "
+             f"{cfg.output_dir}; set run_name to the run to continue, or drop --resume"]
+        )  # fmt: skip
+    with open(recorded) as handle:
+        return json.load(handle)["run_name"]
+
+
+def resume_point(cfg: RayftConfig, run_name: str, *, required: bool) -> str | None:
+    """The newest complete checkpoint of the run `run_name` in `storage_path`, checked on
+    the driver before any worker starts: an incomplete newer one is skipped with a
+    warning; none complete, or one written by another number of workers, is an error.
+    None when the run has no checkpoint (and ``required`` is false): a fresh start."""
+    run_dir = fs.join(cfg.storage_path, run_name)
+    paths = ckpt.checkpoints_of_run(run_dir)
+    if not paths:
+        if required:
+            raise ConfigError(
+                [f"--resume: run {run_name} has no checkpoint in {run_dir}; start it again "
+                 "without --resume"]
+            )  # fmt: skip
+        return None
+    try:
+        path, state, skipped = ckpt.newest_complete(paths)
+    except ckpt.IncompleteCheckpoint as exc:
+        raise ConfigError([f"run {run_name}: {exc}"]) from None
+    for problem in skipped:
+        say(f"WARNING: skipping an incomplete checkpoint: {problem}")
+    if state["world_size"] != cfg.scaling.num_workers:
+        raise ConfigError(
+            [f"scaling.num_workers={cfg.scaling.num_workers}, but run {run_name}'s checkpoint "
+             f"{path} was written by {state['world_size']} workers: a ZeRO checkpoint resumes "
+             f"only at its own world size. Set scaling.num_workers={state['world_size']}, or "
+             f"`rayft export --checkpoint {path}` and start a new run from the exported model"]
+        )  # fmt: skip
+    say(f"continuing run {run_name} from {path} (step {state['step']})")
+    return path
 
 
 def checkpoint_score(cfg: RayftConfig) -> str:
@@ -176,20 +285,24 @@ def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> Non
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
 
 
-def fit(cfg: RayftConfig) -> dict[str, Any]:
+def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, train, evaluate, run the baselines, and write config.yaml,
-    metrics.json, model/ and the report."""
+    metrics.json, model/ and the report. With ``resume``, continue the run this
+    output_dir last started from its newest complete checkpoint (an error if it has none)."""
     started = time.time()
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
+    run_name = resumed_run_name(cfg) if resume else cfg.run_name or default_run_name(cfg)
+    resume_from = resume_point(cfg, run_name, required=resume)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
         handle.write(dump_config(cfg))
-    run_name = cfg.run_name or default_run_name(cfg)
+    with open(os.path.join(cfg.output_dir, RUN_FILE), "w") as handle:
+        json.dump({"run_name": run_name, "storage_path": cfg.storage_path}, handle, indent=2)
     general_text = read_general_text(cfg)  # on the driver: workers may be elsewhere
     tracked = tracking.start(cfg, run_name)  # a tracker that cannot log fails here
     try:
-        metrics = _fit(cfg, files, run_name, general_text, tracked, started)
+        metrics = _fit(cfg, files, run_name, general_text, tracked, started, resume_from)
     except BaseException:
         tracking.finish(tracked, {}, failed=True)
         raise
@@ -204,6 +317,7 @@ def _fit(
     general_text: list[str] | None,
     tracked: tracking.TrackingRun,
     started: float,
+    resume_from: str | None,
 ) -> dict[str, Any]:
     init_ray(cfg)
     prepared = prepare(cfg, files)
@@ -218,10 +332,9 @@ def _fit(
         callbacks=[tracking.callback(tracked)],
         prompts=sample_prompts(cfg, prepared),
         general_text=general_text,
+        resume_from=resume_from,
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = run_trainer(trainer, cfg)
     metrics = write_outputs(cfg, prepared, result, started)
     # After the run's own outputs are safe: a baseline that fails loses nothing else.
     return add_frozen_baseline(cfg, files, run_name, cfg.output_dir) or metrics
@@ -293,9 +406,7 @@ def frozen_baseline(
     )
     prepared = prepare(base, files, outputs=False)
     plan = Plan.derive(base, prepared.labels, prepared.units, base.scaling.num_workers)
-    result = build_trainer(base, plan, build_datasets(base, prepared, plan)).fit()
-    if result.error is not None:
-        raise result.error
+    result = run_trainer(build_trainer(base, plan, build_datasets(base, prepared, plan)), base)
     task = get_task(cfg.task)
     final = result.metrics
     scores = {k: final[k] for k in (*task.metric_names, "eval_loss") if k in final}

@@ -182,7 +182,13 @@ def run_trial(
 
     from rayft.data.prepare import prepare
     from rayft.loop import Plan
-    from rayft.trainer import build_datasets, build_trainer, sample_prompts, write_outputs
+    from rayft.trainer import (
+        build_datasets,
+        build_trainer,
+        run_trainer,
+        sample_prompts,
+        write_outputs,
+    )
 
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
@@ -220,7 +226,7 @@ def run_trial(
 
     def fit() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            outcome["result"] = run_trainer(trainer, cfg)
         except BaseException as exc:  # surfaced in the trial below
             outcome["error"] = exc
 
@@ -240,8 +246,6 @@ def run_trial(
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
-    if result.error is not None:
-        raise result.error
     summary = write_outputs(cfg, prepared, result, started)
     final = {**(final or {}), COMPLETED: 1, "wall_seconds": summary["wall_seconds"]}
     final = _with_objective(final, cfg, metric, mode)

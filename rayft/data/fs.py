@@ -39,10 +39,21 @@ def read_text(path: str) -> str:
 
 
 def write_json(path: str, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2))
+
+
+def write_text(path: str, text: str) -> None:
     filesystem, where = _resolve(path)
     filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(where) as stream:
-        stream.write(json.dumps(value, indent=2).encode())
+        stream.write(text.encode("utf-8"))
+
+
+def list_names(path: str) -> list[str]:
+    """Names of the entries directly under a directory, sorted; [] when it is absent."""
+    filesystem, where = _resolve(path)
+    selector = pafs.FileSelector(where, allow_not_found=True)
+    return sorted(info.base_name for info in filesystem.get_file_info(selector))
 
 
 def exists(path: str) -> bool:
