@@ -356,6 +356,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "heads": heads,
         }
         worker = {
+            "node_id": ray.get_runtime_context().get_node_id(),  # where this shard came from
             "rng": resilience.rng_state(),
             "loss_total": float(loss_all.total),
             "loss_count": loss_all.count,

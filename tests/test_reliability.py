@@ -42,19 +42,20 @@ def small_data(tmp_path_factory) -> dict[str, str]:
 
 
 def config(model: str, data: dict, out: Path, **sections) -> dict:
-    """2 epochs of 6 steps, a checkpoint (and evaluation) every 2 steps, every row's
-    step in the ledger."""
+    """2 epochs of 6 steps, a checkpoint (and evaluation) every 3 steps, every row's
+    step in the ledger; no report (tested elsewhere)."""
     raw = base_config(
         model,
         data,
         out,
         train={"epochs": 2, "batch_size": 8, "lr": 2e-3, "log_every_steps": 100},
-        checkpoint={"every_steps": 2, "keep": 3, "ledger": True},
+        checkpoint={"every_steps": 3, "keep": 3, "ledger": True},
         run_name=out.name,
         storage_path=str(out / "ray"),
         **sections,
     )
     raw["data"]["cache_dir"] = data["cache_dir"]
+    raw["eval"]["report"] = False
     return raw
 
 
@@ -75,18 +76,18 @@ def steps_by_row(run_dir: Path) -> dict:
 
 
 def test_worker_killed_mid_epoch_resumes_exactly(tmp_path, ray_session, dropout_model, small_data):
-    """Rank 1 is SIGKILLed right after step 3 (the last checkpoint is step 2); with
-    max_failures=1 the group restarts from step 2 and finishes. Loss and weights equal an
+    """Rank 1 is SIGKILLed right after step 4 (the last checkpoint is step 3); with
+    max_failures=1 the group restarts from step 3 and finishes. Loss and weights equal an
     uninterrupted run's; the ledger shows every row once per epoch."""
     reference = config(dropout_model, small_data, tmp_path / "reference")
     killed = config(dropout_model, small_data, tmp_path / "killed", scaling={"max_failures": 1})
     expected = with_fault(None, reference)
-    metrics = with_fault("kill:rank=1:step=3", killed)
+    metrics = with_fault("kill:rank=1:step=4", killed)
 
     run_dir = tmp_path / "killed" / "ray" / "killed"
-    assert faults_fired(str(run_dir)) == ["kill-1-rank1-step3"]
+    assert faults_fired(str(run_dir)) == ["kill-1-rank1-step4"]
     audit = audit_ledger(str(run_dir))
-    assert audit["attempts"] == 2 and audit["resumed_from"] == [0, 2]
+    assert audit["attempts"] == 2 and audit["resumed_from"] == [0, 3]
     epochs = audit["epochs"]
     assert sorted(epochs) == [(0, 0), (0, 1)]
     for seen in epochs.values():
@@ -104,7 +105,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path, ray_session, dropout_
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst <= 1e-5, worst
     history = [json.loads(line) for line in (tmp_path / "killed" / "history.jsonl").open()]
-    assert [h["step"] for h in history] == [2, 4, 6, 8, 10, 12]
+    assert [h["step"] for h in history] == [3, 6, 9, 12]
 
 
 def test_retry_budget_is_spent_exactly(tmp_path, ray_session, tiny_model, small_data):
@@ -146,9 +147,9 @@ def rayft_train(config_file: Path, *args: str, fault: str | None = None) -> tupl
 def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
     tmp_path, ray_session, tiny_model, small_data
 ):
-    """The driver is SIGKILLed after step 5 (checkpoints at steps 2 and 4); the newest is
+    """The driver is SIGKILLed after step 8 (checkpoints at steps 3 and 6); the newest is
     then cut short as if the kill had come while it was written. Rerunning the command
-    with --resume skips it with a warning naming it, continues from step 2 and finishes;
+    with --resume skips it with a warning naming it, continues from step 3 and finishes;
     the ledger shows every row once per epoch. Resuming on another worker count, or a
     run that never started, is refused before any worker starts."""
     out = tmp_path / "run"
@@ -157,14 +158,14 @@ def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(raw))
 
-    code, log = rayft_train(config_file, fault="kill:rank=driver:step=5")
+    code, log = rayft_train(config_file, fault="kill:rank=driver:step=8")
     assert code == -signal.SIGKILL, log[-3000:]
     run_name = json.loads((out / "run.json").read_text())["run_name"]
     run_dir = out / "ray" / run_name
-    assert faults_fired(str(run_dir)) == ["kill-1-driver-step5"]
+    assert faults_fired(str(run_dir)) == ["kill-1-driver-step8"]
     checkpoints = ckpt.checkpoints_of_run(str(run_dir))
     steps = [ckpt.check_complete(path)["step"] for path in checkpoints]
-    assert steps == [2, 4], steps
+    assert steps == [3, 6], steps
     shard = next(Path(checkpoints[-1], ckpt.DS_DIR, ckpt.TAG).glob("*rank_1*optim_states.pt"))
     with open(shard, "r+b") as handle:
         handle.truncate(shard.stat().st_size // 2)
@@ -177,10 +178,10 @@ def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
     code, log = rayft_train(config_file, "--resume")
     assert code == 0, log[-5000:]
     assert f"skipping an incomplete checkpoint: {checkpoints[-1]}" in log
-    assert f"continuing run {run_name} from {checkpoints[0]} (step 2)" in log
-    assert "resuming from checkpoint at step 2" in log
+    assert f"continuing run {run_name} from {checkpoints[0]} (step 3)" in log
+    assert "resuming from checkpoint at step 3" in log
     audit = audit_ledger(str(run_dir))
-    assert audit["resumed_from"] == [0, 2]
+    assert audit["resumed_from"] == [0, 3]
     for seen in audit["epochs"].values():
         assert len(seen) == 95 and set(seen.values()) == {1}
     metrics = json.loads((out / "metrics.json").read_text())
