@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed>=0.19,<0.20
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint format docs clean
+.PHONY: venv demo test test-all test-cluster lint format docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ demo: venv
 	$(PY) -m rayft.tune --config configs/demo.yaml
 
 test: venv lint
-	$(PY) -m pytest -m "not real and not slow" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not real and not slow and not cluster" --durations=15 $(PYTEST_ARGS)
 
 # Minutes each on 2 CPU cores: kept out of `make test` so that stays under 20 minutes.
-test-all: venv lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The cluster scenarios run first and alone: the autoscaler's needs `ray stop --force`.
+test-all: venv lint test-cluster
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: venv
+	$(PY) -m pytest -m cluster --durations=5 $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check rayft tests benchmarks

@@ -152,11 +152,12 @@ def _relay_callback(queue: Any) -> Any:
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) -> RayftConfig:
     out = os.path.join(base["output_dir"], TUNE_DIR, "trials", trial_id)
     raw = deep_merge(base, params)
-    raw.update(output_dir=out, storage_path=os.path.join(out, "ray"), run_name=f"trial-{trial_id}")
+    # Checkpoints under the search's storage_path (shared storage or s3:// on a cluster:
+    # Ray Train checks that every node reaches it), outputs under the driver's output_dir.
+    storage = fs.join(base["storage_path"], "trials", trial_id)
+    raw.update(output_dir=out, storage_path=storage, run_name=f"trial-{trial_id}")
     # Every trial reads the shards the driver prepared (cache_dir is not part of their key).
-    raw["data"]["cache_dir"] = raw["data"]["cache_dir"] or os.path.join(
-        base["storage_path"], "prepared"
-    )
+    raw["data"]["cache_dir"] = raw["data"]["cache_dir"] or fs.join(base["storage_path"], "prepared")
     return resolve_paths(validate_config(raw))
 
 

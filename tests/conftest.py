@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
+from tests.fixtures.data import WORDS, sentiment_splits
 from tests.fixtures.models import tiny_bert, tiny_mlm_bert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,11 +83,7 @@ def bare_backbone(tmp_path_factory, mlm_model) -> str:
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict[str, str]:
     """A learnable sentiment set; 257 train rows so 2 workers get an uneven split."""
-    root = tmp_path_factory.mktemp("toy")
-    return {
-        "train": write_jsonl(root / "train.jsonl", sentiment_rows(257, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", sentiment_rows(48, seed=1)),
-    }
+    return sentiment_splits(tmp_path_factory.mktemp("toy"), 257, 48, seed=0)
 
 
 def base_config(model: str, data: dict[str, str], output_dir: Path, **sections) -> dict:

@@ -20,7 +20,7 @@ from rayft.config import ConfigError, validate_config
 from rayft.resilience import FAULT_ENV, audit_ledger, faults_fired
 from rayft.trainer import TrainingFailed, fit
 from tests.conftest import base_config
-from tests.fixtures.data import WORDS, sentiment_rows, write_jsonl
+from tests.fixtures.data import WORDS, sentiment_splits
 from tests.fixtures.models import tiny_bert
 
 
@@ -34,11 +34,8 @@ def dropout_model(tmp_path_factory) -> str:
 def small_data(tmp_path_factory) -> dict[str, str]:
     """95 train rows: 2 workers x 6 micro-batches of 8 per epoch, one row repeated."""
     root = tmp_path_factory.mktemp("small")
-    return {
-        "train": write_jsonl(root / "train.jsonl", sentiment_rows(95, seed=3)),
-        "eval": write_jsonl(root / "eval.jsonl", sentiment_rows(16, seed=4)),
-        "cache_dir": str(root / "prepared"),  # prepared once, shared by every run here
-    }
+    # Prepared once, shared by every run here.
+    return {**sentiment_splits(root, 95, 16, seed=3), "cache_dir": str(root / "prepared")}
 
 
 def config(model: str, data: dict, out: Path, **sections) -> dict:

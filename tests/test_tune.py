@@ -226,7 +226,7 @@ def test_asha_search_as_a_ray_job_stopped_and_resumed(tmp_path, tiny_model, toy_
     assert "eval at step 17" in asha_logs  # the bad trial's first evaluation: after the resume
     assert "tune: best eval_loss" in asha_logs
     assert good_metrics.stat().st_mtime == finished_at
-    assert not list((asha / "tune/trials" / good_id / "ray").glob("*restored*"))
+    assert not list((asha / "ray/trials" / good_id).glob("*restored*"))
     with open(asha / "tune/trials.csv") as handle:
         trials = list(csv.DictReader(handle))
     assert len(trials) == 2
