@@ -42,6 +42,7 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from rayft.docs import help_epilog
+    from rayft.plan import DEFAULT_GPU_MEMORY, gpu_memory_arg
 
     parser = argparse.ArgumentParser(prog="rayft", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -63,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _config_args(validate)
+    plan = verbs.add_parser(
+        "plan",
+        help="estimate per-GPU memory (parameters, gradients, optimizer states, "
+        "activations) and recommend the cheapest setting that fits; runs nothing",
+        epilog=help_epilog(),
+        formatter_class=formatter,
+    )
+    _config_args(plan)
+    plan.add_argument(
+        "--gpu-memory",
+        type=gpu_memory_arg,
+        default=DEFAULT_GPU_MEMORY,
+        help="memory of one GPU, with a unit: 80GiB (default), 40GB, 24576MiB",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     verbs.add_parser(
         "tune",
         help="hyperparameter search; every trial a multi-worker DeepSpeed run "
@@ -159,6 +175,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rayft.plan import build_plan, render
+
+    plan = build_plan(load_config(args.config, args.overrides), gpu_memory=args.gpu_memory)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else render(plan))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "synth":
         from rayft.data.synth import synthesize
@@ -227,6 +251,7 @@ COMMANDS = {
     "export": cmd_export,
     "train": cmd_train,
     "validate": cmd_validate,
+    "plan": cmd_plan,
     "data": cmd_data,
     "predict": cmd_predict,
     "eval": cmd_eval,

@@ -31,6 +31,7 @@ from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepa
 from rayft.evaluate import within_forgetting_key
 from rayft.forgetting import read_general_text
 from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
+from rayft.plan import warn_if_unfit
 from rayft.resilience import fault_from_env
 from rayft.tasks import get_task
 
@@ -292,6 +293,8 @@ def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     started = time.time()
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
+    if warning := warn_if_unfit(cfg):
+        say(warning)
     run_name = resumed_run_name(cfg) if resume else cfg.run_name or default_run_name(cfg)
     resume_from = resume_point(cfg, run_name, required=resume)
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -352,6 +352,7 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
 
     from rayft.data.prepare import check_sources, prepare
     from rayft.forgetting import read_general_text
+    from rayft.plan import warn_if_unfit
     from rayft.trainer import init_ray
 
     t = cfg.tune
@@ -359,6 +360,8 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     scheduler, search_alg = _scheduler(t), _search_alg(t)  # their errors too, before Ray
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)
+    if warning := warn_if_unfit(cfg):
+        say(warning)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg, trials=t.max_concurrent_trials or 1, driver_cpus=DRIVER_CPUS)
