@@ -107,20 +107,23 @@ def test_worker_killed_mid_epoch_resumes_exactly(tmp_path, ray_session, dropout_
 
 def test_retry_budget_is_spent_exactly(tmp_path, ray_session, tiny_model, small_data):
     """max_failures=0: the first kill ends the run with an error naming the worker.
-    max_failures=1 and a worker that dies every time: two attempts, then the error."""
+    max_failures=1 and a worker that dies every time (1 worker, to be quick): two
+    attempts, then the error."""
     none = config(tiny_model, small_data, tmp_path / "none")
     with pytest.raises(TrainingFailed) as failed:
-        with_fault("kill:rank=1:step=2", none)
+        with_fault("kill:rank=1:step=1", none)
     message = str(failed.value)
     assert "scaling.max_failures=0" in message and "no restarts" in message
-    assert "rank 1" in message or "rank=1" in message, message
-    assert faults_fired(str(tmp_path / "none" / "ray" / "none")) == ["kill-1-rank1-step2"]
+    assert "worker rank 1 (pid " in message and "died" in message, message
+    assert faults_fired(str(tmp_path / "none" / "ray" / "none")) == ["kill-1-rank1-step1"]
 
-    one = config(tiny_model, small_data, tmp_path / "one", scaling={"max_failures": 1})
-    with pytest.raises(TrainingFailed, match=r"1 restart\(s\)"):
-        with_fault("kill:rank=0:step=2:times=5", one)
+    one = config(
+        tiny_model, small_data, tmp_path / "one", scaling={"max_failures": 1, "num_workers": 1}
+    )
+    with pytest.raises(TrainingFailed, match=r"1 restart\(s\).*worker rank 0 \(pid "):
+        with_fault("kill:rank=0:step=1:times=5", one)
     fired = faults_fired(str(tmp_path / "one" / "ray" / "one"))
-    assert fired == ["kill-1-rank0-step2", "kill-2-rank0-step2"]  # 1 run + exactly 1 retry
+    assert fired == ["kill-1-rank0-step1", "kill-2-rank0-step1"]  # 1 run + exactly 1 retry
 
 
 def rayft_train(config_file: Path, *args: str, fault: str | None = None) -> tuple[int, str]:
