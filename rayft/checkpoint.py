@@ -143,6 +143,22 @@ def newest_complete(
     )
 
 
+def resume_candidate(run_dir: str) -> tuple[str, dict[str, Any], list[str]] | None:
+    """The newest complete checkpoint of a run (path, state, why newer ones were passed
+    over); None when the run has no checkpoint at all. IncompleteCheckpoint when it has
+    some but none complete."""
+    paths = checkpoints_of_run(run_dir)
+    return newest_complete(paths) if paths else None
+
+
+def world_size_error(path: str, saved: int, world: int) -> str:
+    return (
+        f"{path} was written by {saved} workers and this run has {world}: a ZeRO checkpoint "
+        f"resumes only at its own world size. Set scaling.num_workers={saved}, or "
+        f"`rayft export --checkpoint {path}` and start a new run from the exported model"
+    )
+
+
 def checkpoints_of_run(run_dir: str, filesystem: Any = None) -> list[str]:
     """The checkpoint directories Ray Train wrote for a run, oldest first (their names
     hold the time they were saved). Paths are ``run_dir``'s kind: a URI or local path,

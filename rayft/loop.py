@@ -197,10 +197,10 @@ def _restore_point(run_dir: str, resume_from: str | None, rank: int) -> Any:
     the one the driver chose (`--resume`, PBT, a resumed search), if any."""
     import ray.train
 
-    candidates = ckpt.checkpoints_of_run(run_dir)
-    if not candidates:
+    found = ckpt.resume_candidate(run_dir)
+    if found is None:
         return ray.train.Checkpoint(resume_from) if resume_from else None
-    path, _, skipped = ckpt.newest_complete(candidates)
+    path, _, skipped = found
     if rank == 0:
         for problem in skipped:
             say(f"WARNING: skipping an incomplete checkpoint: {problem}; using {path}")
@@ -274,12 +274,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resume_dir = restored.to_directory()
         state = ckpt.read_state(resume_dir)
         if state["world_size"] != world:
-            raise RuntimeError(
-                f"{restored.path} was written by {state['world_size']} workers and this run "
-                f"has {world}: a ZeRO checkpoint resumes only at its own world size. Set "
-                f"scaling.num_workers={state['world_size']}, or `rayft export` it and start a "
-                "new run from the exported model"
-            )
+            raise RuntimeError(ckpt.world_size_error(restored.path, state["world_size"], world))
         if rank == 0:
             say(
                 f"resuming from checkpoint at step {state['step']} "

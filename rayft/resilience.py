@@ -66,7 +66,6 @@ class Ledger:
         self.prefix = fs.join(
             run_dir, LEDGER_DIR, f"rank{rank}-attempt{time.time_ns()}-from{resumed_from}"
         )
-        self.resumed_from = resumed_from
         self.rows: list[str] = []
         self.parts = 0
 
@@ -75,18 +74,9 @@ class Ledger:
             batch["_source"].tolist(), batch["_line"].tolist(), batch["_pad"].tolist(),
             strict=True,
         ):  # fmt: skip
-            self.rows.append(
-                json.dumps(
-                    {
-                        "step": step,
-                        "phase": phase,
-                        "epoch": epoch,
-                        "source": source,
-                        "line": line,
-                        "pad": pad,
-                    }
-                )  # fmt: skip
-            )
+            row = {"step": step, "phase": phase, "epoch": epoch, "source": source,
+                   "line": line, "pad": pad}  # fmt: skip
+            self.rows.append(json.dumps(row))
 
     def flush(self) -> None:
         if not self.rows:
@@ -105,7 +95,7 @@ def audit_ledger(run_dir: str) -> dict[str, Any]:
     names = fs.list_names(fs.join(run_dir, LEDGER_DIR))
     attempts: dict[int, dict[str, list[str]]] = collections.defaultdict(dict)
     for name in names:
-        rank, attempt, rest = name.split("-", 2)
+        rank, attempt, _ = name.split("-", 2)
         attempts[int(rank[4:])].setdefault(attempt, []).append(name)
     epochs: dict[tuple[int, int], collections.Counter] = collections.defaultdict(
         collections.Counter
@@ -185,4 +175,4 @@ def fault_from_env() -> str | None:
 
 
 def faults_fired(run_dir: str) -> list[str]:
-    return sorted(fs.list_names(fs.join(run_dir, FAULTS_DIR)))
+    return fs.list_names(fs.join(run_dir, FAULTS_DIR))

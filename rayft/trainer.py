@@ -228,27 +228,23 @@ def resume_point(cfg: RayftConfig, run_name: str, *, required: bool) -> str | No
     warning; none complete, or one written by another number of workers, is an error.
     None when the run has no checkpoint (and ``required`` is false): a fresh start."""
     run_dir = fs.join(cfg.storage_path, run_name)
-    paths = ckpt.checkpoints_of_run(run_dir)
-    if not paths:
+    try:
+        found = ckpt.resume_candidate(run_dir)
+    except ckpt.IncompleteCheckpoint as exc:
+        raise ConfigError([f"run {run_name}: {exc}"]) from None
+    if found is None:
         if required:
             raise ConfigError(
                 [f"--resume: run {run_name} has no checkpoint in {run_dir}; start it again "
                  "without --resume"]
             )  # fmt: skip
         return None
-    try:
-        path, state, skipped = ckpt.newest_complete(paths)
-    except ckpt.IncompleteCheckpoint as exc:
-        raise ConfigError([f"run {run_name}: {exc}"]) from None
+    path, state, skipped = found
     for problem in skipped:
         say(f"WARNING: skipping an incomplete checkpoint: {problem}")
     if state["world_size"] != cfg.scaling.num_workers:
-        raise ConfigError(
-            [f"scaling.num_workers={cfg.scaling.num_workers}, but run {run_name}'s checkpoint "
-             f"{path} was written by {state['world_size']} workers: a ZeRO checkpoint resumes "
-             f"only at its own world size. Set scaling.num_workers={state['world_size']}, or "
-             f"`rayft export --checkpoint {path}` and start a new run from the exported model"]
-        )  # fmt: skip
+        world = cfg.scaling.num_workers
+        raise ConfigError([ckpt.world_size_error(path, state["world_size"], world)])
     say(f"continuing run {run_name} from {path} (step {state['step']})")
     return path
 
@@ -301,7 +297,7 @@ def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
         handle.write(dump_config(cfg))
     with open(os.path.join(cfg.output_dir, RUN_FILE), "w") as handle:
-        json.dump({"run_name": run_name, "storage_path": cfg.storage_path}, handle, indent=2)
+        json.dump({"run_name": run_name}, handle, indent=2)
     general_text = read_general_text(cfg)  # on the driver: workers may be elsewhere
     tracked = tracking.start(cfg, run_name)  # a tracker that cannot log fails here
     try:
