@@ -321,6 +321,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     samples = 0
     train_seconds = 0.0
     data_seconds = 0.0  # of train_seconds, spent waiting for the next batch
+    tokens = 0  # non-pad input tokens trained on, all ranks (counted on the host: no sync)
     loss_run = _LossMeter(device)  # since the last report
     loss_all = _LossMeter(device)  # over the whole run
     last_eval: dict[str, float] = {}
@@ -358,6 +359,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "samples": samples,
             "train_seconds": train_seconds,
             "data_seconds": data_seconds,
+            "tokens": tokens,
         }
         directory = ckpt.save_training_state(engine, snapshot, rank, worker)
         if rank == 0 and forgetting is not None and forgetting.head_source == "probe":
@@ -377,6 +379,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "train_loss": loss_run.global_mean(),
             "lr": engine.get_lr()[0],
             "samples_per_second": samples / max(train_seconds, 1e-9),
+            "tokens_per_second": tokens / max(train_seconds, 1e-9),
+            "train_samples": samples,
+            "train_tokens": tokens,
+            "train_seconds": train_seconds,
             **last_eval,
         }
         add_within_forgetting(metrics, cfg)
@@ -468,6 +474,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             loss_all.count = saved["loss_count"]
             samples, train_seconds = saved["samples"], saved["train_seconds"]
             data_seconds = saved["data_seconds"]
+            tokens = saved.get("tokens", 0)
         engine.train()
         for epoch in range(start_epoch, phase.epochs):
             micro_done = 0
@@ -510,6 +517,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 loss_all.add(outputs.loss)
                 micro_done += 1
                 samples += rows * world
+                tokens += sum(len(x) for x in batch["input_ids"]) * world
                 waited = time.perf_counter()
                 if not boundary:
                     continue
@@ -587,6 +595,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         "train_samples_per_second": samples / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "train_samples": samples,
+        "train_tokens": tokens,
+        "train_tokens_per_second": tokens / max(train_seconds, 1e-9),
         "data_wait_fraction": data_seconds / max(train_seconds, 1e-9),
         "lr": engine.get_lr()[0],
         "done": True,

@@ -26,6 +26,7 @@ METRIC_KEYS = {
     "eval_loss",
     "train_loss",
     "train_samples_per_second",
+    "train_tokens_per_second",
     "wall_seconds",
 }
 
@@ -87,6 +88,10 @@ def test_full_zero2_baselines_slices_report_and_tracking(
     # 257 rows on 2 workers: one row repeated, nothing dropped, 6 epochs all completed.
     assert metrics["train_samples"] == 6 * 258
     assert metrics["train_rows"] == 257
+    # Tokens are counted without padding: more than a token per row, fewer than the cap.
+    max_len = load_config(out / "config.yaml").train.max_seq_len
+    assert 6 * 258 < metrics["train_tokens"] < 6 * 258 * max_len
+    assert steps[-1]["train_tokens"] == metrics["train_tokens"]
     # The resolved config is saved and is itself a valid config.
     assert load_config(out / "config.yaml").deepspeed.stage == 2
 
