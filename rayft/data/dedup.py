@@ -67,10 +67,10 @@ def shingles(text: str, size: int) -> set[bytes]:
 
 def signatures(texts: list[str], dedup: DedupConfig) -> list[bytes]:
     """MinHash signatures (uint32 per permutation) as bytes, one per text."""
+    if not texts:  # near-dedup off: no need for datasketch at all
+        return []
     from datasketch import MinHash
 
-    if not texts:
-        return []
     hashes = MinHash.bulk(
         [shingles(t, dedup.shingle_size) for t in texts], num_perm=dedup.num_perm, seed=1
     )
