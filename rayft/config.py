@@ -68,6 +68,15 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "auto",
+        description="Attention kernel (transformers' `attn_implementation`). `auto`: "
+        "transformers' default (SDPA). Packed causal-LM sequences under SDPA need a dense "
+        "block-diagonal mask, which rules out its flash kernel: on GPU prefer "
+        "`flash_attention_2` (needs the flash-attn package) or `flex_attention`.",
+    )
     config_overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Model config attributes to override at load time, e.g. "

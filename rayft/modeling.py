@@ -58,10 +58,17 @@ def build_model(task: Task, cfg: RayftConfig, labels: list[str]) -> tuple[Any, l
         trust_remote_code=m.trust_remote_code,
         dtype=torch_dtype(cfg),
         output_loading_info=True,
+        **attention_kwargs(cfg),
     )
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, head_modules(model, info.get("missing_keys", ()))
+
+
+def attention_kwargs(cfg: RayftConfig) -> dict[str, Any]:
+    """`model.attn_implementation` for `from_pretrained` (nothing: transformers decides)."""
+    choice = cfg.model.attn_implementation
+    return {} if choice == "auto" else {"attn_implementation": choice}
 
 
 def build_skeleton(task: Task, cfg: RayftConfig, labels: list[str]) -> Any:

@@ -268,9 +268,8 @@ def init_single_process_group() -> None:
 
 
 def measure_point(
-    args: argparse.Namespace, model_dir: str, shape: dict[str, int], method: str, stage: int,
-    checkpointing: bool,
-) -> dict[str, Any]:  # fmt: skip
+    args: argparse.Namespace, model_dir: str, shape: dict[str, int], point: dict[str, Any]
+) -> dict[str, Any]:
     """Build one setting with rayft's code, train on one fixed batch, time steady steps."""
     import torch
 
@@ -279,11 +278,12 @@ def measure_point(
     from rayft.modeling import build_model
     from rayft.tasks import get_task
 
+    method, stage, checkpointing = point["method"], point["stage"], point["checkpointing"]
     lr = 1e-4 if method == "full" else 1e-3
     cfg = rayft_config(
         args, model_dir, method=method, deepspeed__stage=stage,
         model={"name_or_path": model_dir, "tokenizer": tokenizer_dir(args),
-               "gradient_checkpointing": checkpointing},
+               "gradient_checkpointing": checkpointing, "attn_implementation": point["attention"]},
         train__lr=lr, train__batch_size=args.batch, train__max_seq_len=args.seq,
     )  # fmt: skip
     task = get_task("causal_lm")
@@ -303,11 +303,13 @@ def measure_point(
     param = next(p for p in engine.module.parameters())
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=generator)
-    batch = {
-        "input_ids": ids.to(engine.device),
-        "attention_mask": torch.ones_like(ids).to(engine.device),
-        "labels": ids.to(engine.device),
-    }
+    batch = {"input_ids": ids, "labels": ids}
+    if point["packed"]:  # documents of a quarter sequence each, as rayft's packing makes
+        document = max(1, args.seq // 4)
+        batch["position_ids"] = (torch.arange(args.seq) % document).expand(args.batch, -1)
+    else:
+        batch["attention_mask"] = torch.ones_like(ids)
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
     losses = []
     engine.train()
     for i in range(args.warmup + args.steps):
@@ -330,6 +332,8 @@ def measure_point(
         "activation_checkpointing": checkpointing,
         "micro_batch": args.batch,
         "seq_len": args.seq,
+        "packed": point["packed"],
+        "attention": point["attention"],
         "params": total,
         "trainable_params": trainable,
         "param_dtype": str(param.dtype).replace("torch.", ""),
@@ -354,24 +358,42 @@ def measure_point(
     return result
 
 
-def point_spec(spec: str) -> tuple[str, int, bool, int]:
-    """``method:stage:checkpointing:micro_batch``, e.g. ``full:2:0:4``."""
-    method, stage, checkpointing, batch = spec.split(":")
-    return method, int(stage), bool(int(checkpointing)), int(batch)
+def point_spec(spec: str) -> dict[str, Any]:
+    """``method:stage:checkpointing:micro_batch[:packed[:attention]]``, e.g. ``full:2:0:4``
+    or ``full:2:0:4:1:flex_attention`` (packed: four 512-token documents per sequence,
+    positions restarting, no attention mask, as rayft feeds packed causal-LM data)."""
+    fields = spec.split(":")
+    method, stage, checkpointing, batch = fields[:4]
+    return {
+        "method": method,
+        "stage": int(stage),
+        "checkpointing": bool(int(checkpointing)),
+        "batch": int(batch),
+        "packed": bool(int(fields[4])) if len(fields) > 4 else False,
+        "attention": fields[5] if len(fields) > 5 else "auto",
+    }
+
+
+def described(point: dict[str, Any]) -> dict[str, Any]:
+    """A point's settings under the names its results use."""
+    return {
+        "method": point["method"], "zero_stage": point["stage"],
+        "activation_checkpointing": point["checkpointing"], "micro_batch": point["batch"],
+        "packed": point["packed"], "attention": point["attention"],
+    }  # fmt: skip
 
 
 def part_point(args: argparse.Namespace) -> dict[str, Any]:
     """One sweep setting, alone in its process (engines of earlier settings are not
     completely freed by ``engine.destroy()``: a process per setting keeps peaks honest)."""
-    method, stage, checkpointing, batch = point_spec(args.spec)
-    args.batch = batch
+    point = point_spec(args.spec)
+    args.batch = point["batch"]
     shape = LLAMA_TINY if args.tiny else LLAMA_1B
     init_single_process_group()
     try:
-        return measure_point(args, llama_dir(args, shape), shape, method, stage, checkpointing)
+        return measure_point(args, llama_dir(args, shape), shape, point)
     except Exception as exc:  # e.g. out of memory: recorded, the sweep goes on
-        return {"method": method, "zero_stage": stage, "activation_checkpointing": checkpointing,
-                "micro_batch": batch, "error": f"{type(exc).__name__}: {exc}"[:2000]}  # fmt: skip
+        return {**described(point), "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 def part_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -390,9 +412,7 @@ def part_sweep(args: argparse.Namespace) -> dict[str, Any]:
             with open(result) as handle:
                 point = json.load(handle)
         else:
-            method, stage, checkpointing, batch = point_spec(spec)
-            point = {"method": method, "zero_stage": stage, "micro_batch": batch,
-                     "activation_checkpointing": checkpointing, "error": f"exit code {code}"}  # fmt: skip
+            point = {**described(point_spec(spec)), "error": f"exit code {code}"}
         log(f"{spec}: {json.dumps(point)}")
         points.append(point)
         write(args.out, "gpu_sweep_partial", {"points": points})
@@ -476,7 +496,8 @@ def part_e2e(args: argparse.Namespace) -> dict[str, Any]:
         cfg = rayft_config(
             args, model_dir, output_dir=out,
             model={"name_or_path": model_dir, "tokenizer": tokenizer_dir(args),
-                   "gradient_checkpointing": checkpointing},
+                   "gradient_checkpointing": checkpointing,
+                   "attn_implementation": args.e2e_attention},
             train__epochs=4, train__max_steps=args.e2e_steps, train__batch_size=args.batch,
             train__max_seq_len=args.seq, train__eval_every_steps=args.e2e_steps // 4,
             eval={"report": False, "baselines": [], "general_text": None},
@@ -487,6 +508,7 @@ def part_e2e(args: argparse.Namespace) -> dict[str, Any]:
         history = read_history(out)
         results.append({
             "method": "full", "zero_stage": 2, "activation_checkpointing": checkpointing,
+            "attention": args.e2e_attention,
             "micro_batch": args.batch, "seq_len": args.seq, "steps": metrics["step"],
             "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
             "tokens_per_second_overall": metrics["train_tokens_per_second"],
@@ -702,7 +724,10 @@ def tables(out: str) -> str:
     if sweep:
         rows = []
         for p in sweep["points"]:
-            name = [p["method"], f"ZeRO-{p['zero_stage']}",
+            method = p["method"] + (" packed" if p.get("packed") else "")
+            if p.get("attention", "auto") != "auto":
+                method += f" ({p['attention']})"
+            name = [method, f"ZeRO-{p['zero_stage']}",
                     "on" if p["activation_checkpointing"] else "off"]  # fmt: skip
             if "error" in p:
                 rows.append([*name, p.get("micro_batch", ""), p["error"][:80], "", "", "", "", ""])
@@ -723,7 +748,7 @@ def tables(out: str) -> str:
         ))  # fmt: skip
     e2e = load(out, "e2e")
     if e2e:
-        rows = [[r["method"], f"ZeRO-{r['zero_stage']}", r["activation_checkpointing"],
+        rows = [[f"{r['method']} ({r.get('attention', 'auto')})", f"ZeRO-{r['zero_stage']}", r["activation_checkpointing"],
                  r["steps"], round(r["tokens_per_second_steady"] or 0),
                  round(r["tokens_per_second_overall"]), r["data_wait_fraction"], r["wall_seconds"]]
                 for r in e2e["runs"]]  # fmt: skip
@@ -775,6 +800,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=24)
     parser.add_argument("--e2e-checkpointing", type=int, default=1)
+    parser.add_argument("--e2e-attention", default="auto")
     parser.add_argument("--peer-models", nargs="+", default=["bert-base", "minilm"])
     parser.add_argument("--peer-stages", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--peer-rows", type=int, default=None, help="first N train rows")
