@@ -309,13 +309,20 @@ def measure_point(
         batch["position_ids"] = (torch.arange(args.seq) % document).expand(args.batch, -1)
     else:
         batch["attention_mask"] = torch.ones_like(ids)
-    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    batches = [{k: v.to(engine.device) for k, v in batch.items()}]
+    if point["packed"] == 2:
+        batches = [{k: v.to(engine.device) for k, v in b.items()} for b in args.real_batches]
     losses = []
+    processed = real = 0  # tokens the GPU ran (padding included); non-pad ones for real data
     engine.train()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync()
             t0 = time.perf_counter()
+        batch = batches[i % len(batches)]
+        if i >= args.warmup:
+            processed += batch["input_ids"].numel()
+            real += args.real_tokens[i % len(batches)] if point["packed"] == 2 else 0
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()
@@ -323,7 +330,7 @@ def measure_point(
     sync()
     seconds = time.perf_counter() - t0
     losses = [float(x) for x in losses]
-    tokens_per_second = args.batch * args.seq * args.steps / seconds
+    tokens_per_second = processed / seconds
     flops = flops_per_token(shape, args.seq, total, trainable if method == "lora" else 0)
     per_token = flops["full"] if method == "full" else flops["lora_executed"]
     result = {
@@ -341,6 +348,7 @@ def measure_point(
         "build_seconds": build_seconds,
         "step_seconds": seconds / args.steps,
         "tokens_per_second": tokens_per_second,
+        "real_tokens_per_second": real / seconds if real else None,
         "model_tflops": tokens_per_second * per_token / 1e12,
         "model_tflops_6n": tokens_per_second * flops["full"] / 1e12,
         "flops_per_token": per_token,
@@ -369,7 +377,8 @@ def point_spec(spec: str) -> dict[str, Any]:
         "stage": int(stage),
         "checkpointing": bool(int(checkpointing)),
         "batch": int(batch),
-        "packed": bool(int(fields[4])) if len(fields) > 4 else False,
+        # 0: no, 1: four equal documents per sequence, 2: the e2e run's own Dolly windows
+        "packed": int(fields[4]) if len(fields) > 4 else 0,
         "attention": fields[5] if len(fields) > 5 else "auto",
     }
 
@@ -383,12 +392,44 @@ def described(point: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def dolly_batches(args: argparse.Namespace, batch_size: int) -> list[dict[str, Any]]:
+    """The e2e run's own training windows (Dolly packed to the sequence length by rayft's
+    data stage), collated by rayft's causal-LM collate into micro-batches."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import ray
+
+    from rayft.config import resolve_paths
+    from rayft.data.prepare import check_sources, prepare, prepared_root
+    from rayft.tasks import causal_lm
+
+    cfg = resolve_paths(rayft_config(args, tokenizer_dir(args), output_dir=os.path.join(
+        args.work, "windows"), train__max_seq_len=args.seq))  # fmt: skip
+    init_ray()
+    files = check_sources(cfg)
+    prepare(cfg, files)
+    features = os.path.join(prepared_root(cfg, files), "features", "train")
+    table = pads.dataset(features, format="parquet").to_table(
+        columns=["input_ids", "labels", "position_ids"]
+    )
+    ray.shutdown()
+    rows = {k: np.array(table.column(k).to_pylist() + [[]], dtype=object)[:-1] for k in
+            ("input_ids", "labels", "position_ids")}  # fmt: skip
+    batches, args.real_tokens = [], []
+    for i in range(0, table.num_rows - batch_size + 1, batch_size):
+        batches.append(causal_lm.collate({k: v[i : i + batch_size] for k, v in rows.items()}, 0))
+        args.real_tokens.append(sum(len(x) for x in rows["input_ids"][i : i + batch_size]))
+    return batches
+
+
 def part_point(args: argparse.Namespace) -> dict[str, Any]:
     """One sweep setting, alone in its process (engines of earlier settings are not
     completely freed by ``engine.destroy()``: a process per setting keeps peaks honest)."""
     point = point_spec(args.spec)
     args.batch = point["batch"]
     shape = LLAMA_TINY if args.tiny else LLAMA_1B
+    if point["packed"] == 2:
+        args.real_batches = dolly_batches(args, point["batch"])
     init_single_process_group()
     try:
         return measure_point(args, llama_dir(args, shape), shape, point)
