@@ -172,7 +172,7 @@ def part_peak(args: argparse.Namespace) -> dict[str, Any]:
         rates[n] = {"median_tflops": statistics.median(blocks), "max_tflops": max(blocks)}
         del a, b
     name = torch.cuda.get_device_name(0)
-    best = max(r["max_tflops"] for r in rates.values())
+    best = max(r["median_tflops"] for r in rates.values())  # a median: one fast block is luck
     return {"by_size": rates, "measured_tflops": best, "datasheet_tflops": datasheet_peak(name)}
 
 
@@ -765,7 +765,9 @@ def tables(out: str) -> str:
     if sweep:
         rows = []
         for p in sweep["points"]:
-            method = p["method"] + (" packed" if p.get("packed") else "")
+            method = (
+                p["method"] + {0: "", 1: " packed", 2: " Dolly windows"}[int(p.get("packed", 0))]
+            )
             if p.get("attention", "auto") != "auto":
                 method += f" ({p['attention']})"
             name = [method, f"ZeRO-{p['zero_stage']}",
@@ -815,6 +817,65 @@ def tables(out: str) -> str:
     return "\n\n".join(parts)
 
 
+def summary(out: str) -> dict[str, Any]:
+    """The headline figures and ratios of the JSON files in ``out`` (benchmarks/results/gpu.json)."""
+    peak, sweep, e2e, peer = (load(out, n) for n in ("peak", "sweep", "e2e", "peer"))
+    result: dict[str, Any] = {"benchmark": "gpu", "source": os.path.relpath(out, ROOT)}
+    if peak:
+        result["peak_tflops_measured"] = peak["measured_tflops"]
+        result["peak_tflops_datasheet"] = peak["datasheet_tflops"]
+    points = [p for p in (sweep or {}).get("points", []) if "error" not in p]
+
+    def rate(method: str, stage: int, ckpt: bool, batch: int, packed: int = 0,
+             attention: str = "auto") -> float | None:  # fmt: skip
+        for p in points:
+            if (p["method"], p["zero_stage"], p["activation_checkpointing"], p["micro_batch"],
+                    int(p.get("packed", 0)), p.get("attention", "auto")) == (
+                    method, stage, ckpt, batch, packed, attention):  # fmt: skip
+                return p["tokens_per_second"]
+        return None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    if points and peak:
+        best = max(points, key=lambda p: p["model_tflops"])
+        result["best_point"] = {k: best[k] for k in ("method", "zero_stage",
+            "activation_checkpointing", "micro_batch", "tokens_per_second", "model_tflops")}  # fmt: skip
+        result["best_mfu_datasheet"] = best["model_tflops"] / peak["datasheet_tflops"]
+        result["best_mfu_measured_peak"] = best["model_tflops"] / peak["measured_tflops"]
+    dense = rate("full", 2, False, 4)
+    result.update({
+        "zero3_vs_zero2_full_ratio": ratio(rate("full", 3, False, 4), dense),
+        "zero0_vs_zero2_full_ratio": ratio(rate("full", 0, False, 4), dense),
+        "checkpointing_on_vs_off_full_b4_ratio": ratio(rate("full", 2, True, 4), dense),
+        "checkpointing_on_vs_off_full_b16_ratio": ratio(rate("full", 2, True, 16),
+                                                         rate("full", 2, False, 16)),
+        "lora_vs_full_tokens_ratio_b4": ratio(rate("lora", 2, False, 4), dense),
+        "lora_vs_full_tokens_ratio_b16": ratio(rate("lora", 2, False, 16), rate("full", 2, False, 16)),
+        "micro_batch_16_vs_4_ratio": ratio(rate("full", 2, False, 16), dense),
+        "packed_4_documents_vs_dense_ratio": ratio(rate("full", 2, False, 4, 1), dense),
+        "packed_flex_vs_sdpa_ratio": ratio(rate("full", 2, False, 4, 1, "flex_attention"),
+                                           rate("full", 2, False, 4, 1)),
+        "dolly_windows_vs_dense_ratio": ratio(rate("full", 2, False, 4, 2), dense),
+    })  # fmt: skip
+    real = next((p.get("real_tokens_per_second") for p in points if p.get("packed") == 2), None)
+    if e2e and real:
+        steady = e2e["runs"][0]["tokens_per_second_steady"]
+        result["e2e_tokens_per_second_steady"] = steady
+        result["bare_engine_dolly_tokens_per_second"] = real
+        result["e2e_vs_bare_engine_ratio"] = steady / real
+    if peer:
+        for model, runs in peer["models"].items():
+            for run in runs[1:]:
+                result[f"{model}_vs_hf_trainer_throughput_ratio"] = run[
+                    "vs_hf_trainer_throughput_ratio"
+                ]
+                result[f"{model}_vs_hf_trainer_time_ratio"] = run["vs_hf_trainer_time_ratio"]
+                result[f"{model}_accuracy_minus_hf"] = run["accuracy_minus_hf"]
+    return result
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -862,6 +923,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.parts == ["table"]:
         print(tables(args.out))
+        print(json.dumps(summary(args.out), indent=2))
         return
     parts = list(PARTS) if args.parts == ["all"] else args.parts
     unknown = sorted(set(parts) - {*PARTS, "point"})
