@@ -260,6 +260,9 @@ def default_run_name(cfg: RayftConfig) -> str:
     return f"rayft-{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that a local ray.init starts
+
+
 def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> None:
     """Join the cluster this process belongs to (``RAY_ADDRESS``, `ray job submit`, or a
     running local head); otherwise start a local Ray with enough logical CPUs for the
@@ -279,6 +282,11 @@ def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> Non
         pass
     s = cfg.scaling
     needed = math.ceil(trials * (s.num_workers * s.cpus_per_worker + driver_cpus)) + 2
+    # Ray starts its workers at nice 15, so on a busy machine every Ray daemon preempts the
+    # training processes (measured: 1.26x the step time of a plain loop on 2 cores). The
+    # training workers are the point of a rayft run: they get normal priority, as Ray's
+    # own job manager gives the jobs it supervises. An explicit setting wins.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
 
 
