@@ -107,6 +107,10 @@ def initialize(
         config=conf,
         dist_init_required=False,
     )
+    if world_size == 1 and cfg.deepspeed.stage == 0:
+        # Alone, a rank's gradients are already the global ones: skip DeepSpeed's
+        # flatten + all-reduce + copy-back of every gradient at each step.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -208,3 +208,24 @@ def test_pickled_weights_are_not_executed(tmp_path, tiny_model):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|safe"):
         build_model(get_task(cfg.task), cfg, ["neg", "pos"])
     assert not target.exists()
+
+
+def test_single_rank_stage0_skips_the_all_reduce_and_trains_the_same(process_group, tiny_model):
+    """World size 1, ZeRO stage 0: rayft turns DeepSpeed's gradient all-reduce off (the
+    gradients are already global). Three steps with it off and forced back on must give
+    identical weights."""
+    weights = []
+    for allreduce in (False, True):
+        engine, _ = build_engine(tiny_model, stage=0)
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = allreduce
+        for seed in range(3):
+            train_step(engine, seed)
+        weights.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+        engine.destroy()
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    engine, _ = build_engine(tiny_model, stage=2)  # ZeRO reduces through its optimizer
+    assert engine.enable_backward_allreduce is True
+    engine.destroy()
