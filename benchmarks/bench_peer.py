@@ -1,0 +1,305 @@
+"""rayft against the Hugging Face Trainer on the same classification job: end-to-end wall
+time, training throughput (samples/s) and dev accuracy.
+
+The job: all-MiniLM-L6-v2 fine-tuned on sentence-length rows of SST-2's train.tsv, scored
+on all 872 rows of dev.tsv, with the same learning rate, epochs, global batch, warmup,
+weight decay (not on biases and norms), clipping, linear decay and max_seq_len, and dynamic
+padding on both sides (`DataCollatorWithPadding` for the Trainer). The Trainer trains the
+rows rayft kept after its data stage (exact duplicates and copies of dev sentences
+removed), so both see the same examples. The Trainer runs in this process (torch on both
+cores); rayft runs with 1 worker x 2 CPUs and with 2 workers x 1 CPU (half the batch
+each), ZeRO stage 0, each from a cold data stage, in one Ray started once (its start-up
+is added to rayft's wall time). Runs rotate order across repeats; medians are reported.
+
+    python benchmarks/bench_peer.py --rows 2000 --epochs 1 --methods full lora --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench_overhead import (
+    MINILM,
+    ForeignCpu,
+    Timeline,
+    environment,
+    median,
+    quiet_run_config,
+    sst2_dev_subset,
+    sst2_subset,
+    start_ray,
+    write_result,
+)
+
+SCENARIOS = {
+    "hf_trainer": None,
+    "rayft_1x2": {"num_workers": 1, "cpus_per_worker": 2},
+    "rayft_2x1": {"num_workers": 2, "cpus_per_worker": 1},
+}
+
+
+def rayft_config(
+    args: argparse.Namespace, method: str, scaling: dict[str, Any], out: str, cache: str
+) -> dict[str, Any]:
+    batch = args.batch_size // scaling["num_workers"]  # the same global batch
+    return quiet_run_config({
+        "task": "sequence_classification", "method": method, "output_dir": out,
+        "model": {"name_or_path": MINILM},
+        "data": {"train": args.train, "eval": args.dev, "text_column": "sentence",
+                 "label_column": "label", "dedup": {"near": False}, "cache_dir": cache},
+        "scaling": scaling,
+        "deepspeed": {"stage": 0, "precision": "fp32"},
+        "train": {"epochs": args.epochs, "batch_size": batch, "eval_batch_size": 64,
+                  "lr": lr_of(args, method), "warmup_ratio": args.warmup_ratio,
+                  "weight_decay": args.weight_decay, "max_seq_len": args.max_seq_len,
+                  "log_every_steps": 1000},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+                 "target_modules": ["query", "key", "value", "dense"]},
+    })  # fmt: skip
+
+
+def lr_of(args: argparse.Namespace, method: str) -> float:
+    return args.lora_lr if method == "lora" else args.lr
+
+
+def run_rayft(raw: dict[str, Any], ray_start: float) -> dict[str, Any]:
+    from rayft.config import validate_config
+    from rayft.trainer import fit
+
+    started = time.time()
+    metrics = fit(validate_config(raw))
+    wall = time.time() - started
+    return {
+        "wall_seconds": wall + ray_start,
+        "fit_seconds": wall,
+        "train_seconds": metrics["train_seconds"],
+        "train_samples": metrics["train_samples"],
+        "samples_per_second": metrics["train_samples_per_second"],
+        "accuracy": metrics["accuracy"],
+        "f1": metrics["f1"],
+        "eval_rows": metrics["eval_rows"],
+        "steps": metrics["step"],
+        "data_wait_fraction": metrics["data_wait_fraction"],
+    }
+
+
+def prepared_rows(raw: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The train and eval rows rayft kept (from its prepared shards), for the Trainer."""
+    import pyarrow.dataset as pads
+
+    from rayft.config import resolve_paths, validate_config
+    from rayft.data.prepare import check_sources, prepare
+
+    cfg = resolve_paths(validate_config(raw))
+    prepared = prepare(cfg, check_sources(cfg), outputs=False)
+    out = {}
+    for split in ("train", "eval"):
+        table = pads.dataset(prepared.splits[split], format="parquet").to_table(
+            columns=["_source", "_line", "text", "label"]
+        )
+        out[split] = sorted(table.to_pylist(), key=lambda r: (r["_source"], r["_line"]))
+    return out
+
+
+def run_hf_trainer(
+    args: argparse.Namespace, method: str, rows: dict[str, list[dict[str, Any]]], out: str
+) -> dict[str, Any]:
+    """Tokenize, load, train and predict with transformers' Trainer; wall time of it all."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from rayft.config import resolve_path
+
+    started = time.time()
+    path = resolve_path(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    labels = sorted({r["label"] for r in rows["train"]}, key=int)
+
+    def dataset(split: str) -> Any:
+        data = Dataset.from_dict({
+            "text": [r["text"] for r in rows[split]],
+            "label": [labels.index(r["label"]) for r in rows[split]],
+        })  # fmt: skip
+        return data.map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_seq_len),
+            batched=True,
+            remove_columns=["text"],
+        )
+
+    train, dev = dataset("train"), dataset("eval")
+    torch.manual_seed(42)  # the new head's weights: seeded, as rayft seeds its own
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["query", "key", "value", "dense"],
+        ))  # fmt: skip
+    steps = args.epochs * -(-len(train) // args.batch_size)
+    training = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64, learning_rate=lr_of(args, method),
+        num_train_epochs=args.epochs, warmup_steps=int(args.warmup_ratio * steps),
+        weight_decay=args.weight_decay, max_grad_norm=1.0, lr_scheduler_type="linear",
+        seed=42, use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trained = trainer.train()
+    predicted = trainer.predict(dev)
+    wall = time.time() - started
+    from sklearn.metrics import f1_score
+
+    pred = np.argmax(predicted.predictions, axis=-1)
+    refs = np.asarray(dev["label"])
+    return {
+        "wall_seconds": wall,
+        "train_seconds": trained.metrics["train_runtime"],
+        "train_samples": len(train) * args.epochs,
+        "samples_per_second": trained.metrics["train_samples_per_second"],
+        "accuracy": float((pred == refs).mean()),
+        "f1": float(f1_score(refs, pred, average="macro")),
+        "eval_rows": len(refs),
+        "steps": trained.global_step,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2000, help="sentence-length train rows")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch")
+    parser.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--methods", nargs="+", default=["full"], choices=["full", "lora"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    args.work = args.work or tempfile.mkdtemp(prefix="rayft-bench-peer-")
+    os.makedirs(args.work, exist_ok=True)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    sys.stdout = Timeline(sys.stdout)  # only to keep one stdout wrapper across scripts
+
+    args.train = sst2_subset(args.rows, args.work)
+    args.dev = sst2_dev_subset(None, args.work)
+    ray_start = start_ray(2 + 2)  # init_ray's count: 2 CPUs of workers + 2 for data
+    # The rows the Trainer trains on: rayft's kept rows (prepared once, in a scratch cache).
+    rows = prepared_rows(
+        rayft_config(
+            args, "full", SCENARIOS["rayft_1x2"], args.work, os.path.join(args.work, "rows")
+        )
+    )
+    print(f"ray start {ray_start:.1f}s; {len(rows['train'])} train rows kept of {args.rows}, "
+          f"{len(rows['eval'])} dev rows", flush=True)  # fmt: skip
+
+    runs: list[dict[str, Any]] = []
+    names = list(SCENARIOS)
+    for method in args.methods:
+        for r in range(args.repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                out = os.path.join(args.work, f"{method}-{name}-{r}")
+                cpu = ForeignCpu()
+                cpu.start()
+                if SCENARIOS[name] is None:
+                    figures = run_hf_trainer(args, method, rows, out)
+                else:
+                    cache = os.path.join(out, "cache")  # cold: its own data stage
+                    raw = rayft_config(args, method, SCENARIOS[name], out, cache)
+                    figures = run_rayft(raw, ray_start)
+                figures["cpu_shares"] = cpu.stop()  # foreign: other people's jobs
+                runs.append({"method": method, "scenario": name, "repeat": r, **figures})
+                print(f"{method} {name} repeat {r}: " + json.dumps(figures), flush=True)
+
+    summary: dict[str, Any] = {}
+    for method in args.methods:
+
+        def med(name: str, key: str, method: str = method) -> float:
+            return median([x[key] for x in runs if x["method"] == method and x["scenario"] == name])
+
+        hf = {
+            k: med("hf_trainer", k)
+            for k in ("wall_seconds", "samples_per_second", "accuracy", "f1")
+        }
+        block: dict[str, Any] = {"hf_trainer": hf}
+        for name in ("rayft_1x2", "rayft_2x1"):
+            mine = {
+                k: med(name, k) for k in ("wall_seconds", "samples_per_second", "accuracy", "f1")
+            }
+            mine.update(
+                vs_hf_trainer_time_ratio=mine["wall_seconds"] / hf["wall_seconds"],
+                vs_hf_trainer_throughput_ratio=mine["samples_per_second"]
+                / hf["samples_per_second"],
+                accuracy_difference=mine["accuracy"] - hf["accuracy"],
+            )
+            block[name] = mine
+        summary[method] = block
+    result = {
+        **environment(),
+        "setup": {
+            "model": "all-MiniLM-L6-v2 (22.7M)",
+            "methods": args.methods,
+            "train_rows_requested": args.rows,
+            "train_rows_kept": len(rows["train"]),
+            "eval_rows": len(rows["eval"]),
+            "epochs": args.epochs,
+            "global_batch": args.batch_size,
+            "lr_full": args.lr,
+            "lr_lora": args.lora_lr,
+            "warmup_ratio": args.warmup_ratio,
+            "weight_decay": args.weight_decay,
+            "max_seq_len": args.max_seq_len,
+            "ray_start_seconds": ray_start,
+            "rayft": "ZeRO stage 0, fp32; rayft_1x2 = 1 worker x 2 CPUs (batch 32), "
+            "rayft_2x1 = 2 workers x 1 CPU (batch 16 each); local shuffle and "
+            "group_by_length 8 (rayft's defaults); wall = fit() + Ray start, "
+            "cold data stage",
+            "hf_trainer": "transformers Trainer in this process, random sampler, "
+            "DataCollatorWithPadding; wall = tokenize + load + train + predict",
+        },  # fmt: skip
+        "summary": summary,
+        "runs": runs,
+    }
+    path = write_result("peer", result)
+    print("\n| method | run | wall s | train samples/s | dev accuracy | F1 | time ratio | "
+          "throughput ratio | accuracy diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method, block in summary.items():
+        for name, f in block.items():
+            ratios = (
+                f"{f['vs_hf_trainer_time_ratio']:.2f} | {f['vs_hf_trainer_throughput_ratio']:.2f} "
+                f"| {f['accuracy_difference']:+.4f}"
+                if name != "hf_trainer"
+                else " | | "
+            )
+            print(f"| {method} | {name} | {f['wall_seconds']:.0f} | {f['samples_per_second']:.1f} "
+                  f"| {f['accuracy']:.4f} | {f['f1']:.4f} | {ratios} |")  # fmt: skip
+    print(f"\n{path}")
+
+
+if __name__ == "__main__":
+    main()
