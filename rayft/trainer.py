@@ -289,9 +289,10 @@ def start_local_ray(num_cpus: int) -> None:
     """A new Ray of this process's own, with at least ``num_cpus`` logical CPUs.
 
     Ray starts its workers at nice 15, so on a busy machine every Ray daemon preempts the
-    training processes (measured: 1.26x the step time of a plain loop on 2 cores). The
-    training workers are the point of a rayft run: they get normal priority, as Ray's own
-    job manager gives the jobs it supervises. An explicit `RAY_worker_niceness` wins."""
+    training processes. The training workers are the point of a rayft run: they get
+    normal priority, as Ray's own job manager gives the jobs it supervises (on an idle
+    2-core machine the difference was within noise: benchmarks/RESULTS.md, Overhead). An
+    explicit `RAY_worker_niceness` wins."""
     import ray
 
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
