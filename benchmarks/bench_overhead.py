@@ -160,6 +160,17 @@ class Timeline:
             return next((t for t, line in self.lines if t >= since and needle in line), None)
 
 
+def prepare_run(work: str | None, name: str) -> tuple[str, Timeline]:
+    """What every benchmark here does first: its scratch directory (a temp dir unless
+    given), Ray Data's progress bars off, and stdout timestamped through a `Timeline`."""
+    work = work or tempfile.mkdtemp(prefix=f"rayft-bench-{name}-")
+    os.makedirs(work, exist_ok=True)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    timeline = Timeline(sys.stdout)
+    sys.stdout = timeline
+    return work, timeline
+
+
 def start_ray(num_cpus: int) -> float:
     """A Ray of this process's own (never one another program on the machine started,
     which `rayft.trainer.init_ray` would join), with rayft's runtime environment and as
@@ -413,11 +424,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
-    args.work = args.work or tempfile.mkdtemp(prefix="rayft-bench-overhead-")
-    os.makedirs(args.work, exist_ok=True)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    timeline = Timeline(sys.stdout)
-    sys.stdout = timeline
+    args.work, timeline = prepare_run(args.work, "overhead")
 
     from rayft.config import resolve_paths, validate_config
     from rayft.data.prepare import check_sources, prepare

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import tempfile
 import time
 from typing import Any
 
 from bench_overhead import (
     MINILM,
     ForeignCpu,
-    Timeline,
     environment,
     median,
+    prepare_run,
     quiet_run_config,
     sst2_dev_subset,
     sst2_subset,
@@ -199,10 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
-    args.work = args.work or tempfile.mkdtemp(prefix="rayft-bench-peer-")
-    os.makedirs(args.work, exist_ok=True)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    sys.stdout = Timeline(sys.stdout)  # only to keep one stdout wrapper across scripts
+    args.work, _ = prepare_run(args.work, "peer")
 
     args.train = sst2_subset(args.rows, args.work)
     args.dev = sst2_dev_subset(None, args.work)

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import tempfile
 import time
 from typing import Any
 
 from bench_overhead import (
     MINILM,
     ForeignCpu,
-    Timeline,
     environment,
+    prepare_run,
     quiet_run_config,
     sst2_dev_subset,
     sst2_subset,
@@ -111,10 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 2 and "two_stage" in args.methods:
         parser.error("--epochs must be at least 2: two_stage spends one on the head alone")
-    args.work = args.work or tempfile.mkdtemp(prefix="rayft-bench-quality-")
-    os.makedirs(args.work, exist_ok=True)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    sys.stdout = Timeline(sys.stdout)
+    args.work, _ = prepare_run(args.work, "quality")
     args.train = sst2_subset(args.rows, args.work)
     args.dev = sst2_dev_subset(None, args.work)
     ray_start = start_ray(args.workers + 2)

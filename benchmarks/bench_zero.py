@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
 import time
 from typing import Any
 
 from bench_overhead import (
     MINILM,
     ForeignCpu,
-    Timeline,
     environment,
     median,
+    prepare_run,
     quiet_run_config,
     read_history,
     sst2_dev_subset,
@@ -138,10 +136,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
-    args.work = args.work or tempfile.mkdtemp(prefix="rayft-bench-zero-")
-    os.makedirs(args.work, exist_ok=True)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    sys.stdout = Timeline(sys.stdout)
+    args.work, _ = prepare_run(args.work, "zero")
     rows = args.steps * args.batch_size * args.workers
     args.train = sst2_subset(rows + rows // 10, args.work)  # a margin for deduplication
     args.dev = sst2_dev_subset(args.eval_rows, args.work)
