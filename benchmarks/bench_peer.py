@@ -11,7 +11,15 @@ cores); rayft runs with 1 worker x 2 CPUs and with 2 workers x 1 CPU (half the b
 each), ZeRO stage 0, each from a cold data stage, in one Ray started once (its start-up
 is added to rayft's wall time). Runs rotate order across repeats; medians are reported.
 
+Each side's wall time is split into a fixed part (everything but the training steps:
+start-up, data, evaluation; rayft's from its `timings`) and the training steps, so the
+summary can say from how many training samples on rayft's wall time is the lower one
+(`crossover_train_samples`, from wall = fixed + samples / throughput). A larger job
+checks that figure directly (`--name` keeps its results apart):
+
     python benchmarks/bench_peer.py --rows 2000 --epochs 1 --methods full lora --repeats 2
+    python benchmarks/bench_peer.py --rows 6000 --methods full lora --scenarios hf_trainer \
+        rayft_1x2 --name peer_large
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ def run_rayft(raw: dict[str, Any], ray_start: float) -> dict[str, Any]:
         "eval_rows": metrics["eval_rows"],
         "steps": metrics["step"],
         "data_wait_fraction": metrics["data_wait_fraction"],
+        "fixed_seconds": wall + ray_start - metrics["train_seconds"],
+        "timings": {**metrics["timings"], "ray_start": ray_start},  # Ray started above
     }
 
 
@@ -178,9 +188,66 @@ def run_hf_trainer(
         "accuracy": float((pred == refs).mean()),
         "f1": float(f1_score(refs, pred, average="macro")),
         "eval_rows": len(refs),
+        "fixed_seconds": wall - trained.metrics["train_runtime"],
         "steps": trained.global_step,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def crossover(hf: dict[str, float], mine: dict[str, float]) -> float | None:
+    """Training samples from which rayft's wall time is below the Trainer's, with each
+    side's wall = fixed + samples / throughput; None if rayft's throughput is not higher
+    (then its fixed part must be smaller for it to be faster, at any size)."""
+    gain = 1 / hf["samples_per_second"] - 1 / mine["samples_per_second"]
+    if gain <= 0:
+        return None
+    return max(mine["fixed_seconds"] - hf["fixed_seconds"], 0.0) / gain
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """The summary as RESULTS.md's two tables: the comparison, and where rayft's fixed
+    seconds went."""
+    lines = [
+        "| method | run | wall s | fixed s | train samples/s | dev accuracy | F1 | time ratio "
+        "| throughput ratio | accuracy diff | faster from (train samples) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    phases: list[str] = []
+    for method, block in summary.items():
+        for name, f in block.items():
+            cells = [
+                method,
+                name,
+                f"{f['wall_seconds']:.0f}",
+                f"{f['fixed_seconds']:.0f}",
+                f"{f['samples_per_second']:.1f}",
+                f"{f['accuracy']:.4f}",
+                f"{f['f1']:.4f}",
+            ]
+            if name != "hf_trainer":
+                cross = f.get("crossover_train_samples")
+                cells += [
+                    f"{f['vs_hf_trainer_time_ratio']:.2f}",
+                    f"{f['vs_hf_trainer_throughput_ratio']:.2f}",
+                    f"{f['accuracy_difference']:+.4f}",
+                    "never" if cross is None else f"{cross:,.0f}",
+                ]
+                phases += [k for k in f["timings"] if k not in phases]
+            else:
+                cells += ["", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "| method | run | " + " | ".join(phases) + " |",
+              "|---|---|" + "---|" * len(phases)]  # fmt: skip
+    for method, block in summary.items():
+        for name, f in block.items():
+            if name != "hf_trainer":
+                cells = [f"{f['timings'].get(k, 0.0):.1f}" for k in phases]
+                lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def runs_of(runs: list[dict[str, Any]], method: str, name: str) -> list[dict[str, Any]]:
+    return [x for x in runs if x["method"] == method and x["scenario"] == name]
 
 
 def main() -> None:
@@ -195,6 +262,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=["full"], choices=["full", "lora"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--name", default="peer", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
     args.work, _ = prepare_run(args.work, "peer")
@@ -212,7 +281,7 @@ def main() -> None:
           f"{len(rows['eval'])} dev rows", flush=True)  # fmt: skip
 
     runs: list[dict[str, Any]] = []
-    names = list(SCENARIOS)
+    names = args.scenarios
     for method in args.methods:
         for r in range(args.repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
@@ -234,22 +303,23 @@ def main() -> None:
     for method in args.methods:
 
         def med(name: str, key: str, method: str = method) -> float:
-            return median([x[key] for x in runs if x["method"] == method and x["scenario"] == name])
+            return median([x[key] for x in runs_of(runs, method, name)])
 
-        hf = {
-            k: med("hf_trainer", k)
-            for k in ("wall_seconds", "samples_per_second", "accuracy", "f1")
-        }
+        keys = ("wall_seconds", "fixed_seconds", "samples_per_second", "accuracy", "f1")
+        hf = {k: med("hf_trainer", k) for k in keys}
         block: dict[str, Any] = {"hf_trainer": hf}
-        for name in ("rayft_1x2", "rayft_2x1"):
-            mine = {
-                k: med(name, k) for k in ("wall_seconds", "samples_per_second", "accuracy", "f1")
-            }
+        for name in [n for n in names if n != "hf_trainer"]:
+            mine = {k: med(name, k) for k in keys}
             mine.update(
                 vs_hf_trainer_time_ratio=mine["wall_seconds"] / hf["wall_seconds"],
                 vs_hf_trainer_throughput_ratio=mine["samples_per_second"]
                 / hf["samples_per_second"],
                 accuracy_difference=mine["accuracy"] - hf["accuracy"],
+                crossover_train_samples=crossover(hf, mine),
+                timings={
+                    k: median([x["timings"].get(k, 0.0) for x in runs_of(runs, method, name)])
+                    for k in runs_of(runs, method, name)[0]["timings"]
+                },
             )
             block[name] = mine
         summary[method] = block
@@ -279,20 +349,8 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    path = write_result("peer", result)
-    print("\n| method | run | wall s | train samples/s | dev accuracy | F1 | time ratio | "
-          "throughput ratio | accuracy diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for method, block in summary.items():
-        for name, f in block.items():
-            ratios = (
-                f"{f['vs_hf_trainer_time_ratio']:.2f} | {f['vs_hf_trainer_throughput_ratio']:.2f} "
-                f"| {f['accuracy_difference']:+.4f}"
-                if name != "hf_trainer"
-                else " | | "
-            )
-            print(f"| {method} | {name} | {f['wall_seconds']:.0f} | {f['samples_per_second']:.1f} "
-                  f"| {f['accuracy']:.4f} | {f['f1']:.4f} | {ratios} |")  # fmt: skip
+    path = write_result(args.name, result)
+    print(tables(summary))
     print(f"\n{path}")
 
 

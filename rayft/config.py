@@ -368,7 +368,8 @@ class TrainSection(_Section):
         8,
         ge=0,
         description="Sort rows by length within windows of this many micro-batches, then "
-        "shuffle the batches: far less padding, same randomness across windows (0 = off).",
+        "shuffle the batches: far less padding, same randomness across windows (0 = off). "
+        "Evaluation batches are grouped the same way.",
     )
     log_every_steps: int = Field(10, ge=1, description="Console progress line every N steps.")
     max_steps: int | None = Field(

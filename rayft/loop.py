@@ -31,6 +31,7 @@ from rayft.engine import initialize, zero3_init_context
 from rayft.evaluate import add_within_forgetting, slice_metrics
 from rayft.modeling import build_model, load_tokenizer
 from rayft.tasks import Task, get_task
+from rayft.timing import Timings
 
 HISTORY_FILE = "history.jsonl"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
@@ -148,10 +149,14 @@ def evaluate(
     refs: list[Any] = []
     where: list[tuple[str, int]] = []
     loss_sum, loss_rows = 0.0, 0
+    batches = shard.iter_batches(
+        batch_size=cfg.train.eval_batch_size, batch_format="numpy", prefetch_batches=2
+    )
+    # Rows of similar length share a batch here too (order does not matter to any metric;
+    # the batch count, and so every rank's number of forward passes, is unchanged).
+    batches = length_grouped(iter(batches), cfg.train.group_by_length, np.random.default_rng(0))
     with torch.no_grad():
-        for batch in shard.iter_batches(
-            batch_size=cfg.train.eval_batch_size, batch_format="numpy", prefetch_batches=2
-        ):
+        for batch in batches:
             real = ~batch.pop("_pad")
             if real.any() and not real.all():
                 batch = {k: v[real] for k, v in batch.items()}
@@ -242,6 +247,8 @@ def _hms(seconds: float) -> str:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
+    fn_started = time.perf_counter()
+    timings = Timings()
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -369,8 +376,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def report(epoch_progress: float, do_eval: bool, do_ckpt: bool) -> None:
         nonlocal last_eval
         if do_eval:
-            last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
-            last_eval.update(forgetting_metrics(engine.module))
+            with timings.section("eval"):
+                last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
+                last_eval.update(forgetting_metrics(engine.module))
         epochs_before = sum(p.epochs for p in phases[: phases.index(phase)])
         metrics = {
             "step": step,
@@ -392,19 +400,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ledger.flush()
         checkpoint = None
         directory = None
-        if do_ckpt:
-            directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
             say(f"eval at step {step}: {shown}")
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # Writing the state and Ray persisting it to storage.
+        with timings.section("checkpoint" if do_ckpt else "eval"):
+            if do_ckpt:
+                directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
 
     def before_training(engine: Any, phase: methods.Phase) -> None:
         """The untrained model's figures: the forgetting baseline (training the probe
         first when there is one) and, as a baseline, its eval metrics (step 0)."""
+        with timings.section("eval"):
+            _before_training(engine, phase)
+
+    def _before_training(engine: Any, phase: methods.Phase) -> None:
         if forgetting is not None:
             if forgetting.head_source == "probe":
                 before = forgetting.train_probe(engine.module, device, cfg.eval.probe_steps)
@@ -428,9 +442,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
                 say(f"before training (pretrained baseline): {shown}")
 
+    timings.add("setup", time.perf_counter() - fn_started)
     for phase_index, phase in enumerate(phases):  # noqa: B007 (report() reads `phase`)
         if phase_index < state["phase"] or stop:
             continue
+        setup_started = time.perf_counter()
         # Identical initial weights on every rank (new heads are random), then per-rank
         # randomness for dropout.
         seed_everything(t.seed)
@@ -455,7 +471,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             start_epoch, skip_micro = state["epoch"], state["micro"]
             if skip_micro >= plan.micro_per_epoch:
                 start_epoch, skip_micro = start_epoch + 1, 0
-        elif resume_dir is None and phase_index == 0:
+        timings.add("setup", time.perf_counter() - setup_started)
+        if resume_dir is None and phase_index == 0:
             before_training(engine, phase)
         if rank == 0:
             say(
@@ -568,13 +585,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if stop:
                 break
         if phase_index < len(phases) - 1 and not stop:
-            carry = ckpt.gather_params(engine.module)
-            engine.destroy()
+            with timings.section("setup"):  # the next phase's starting weights
+                carry = ckpt.gather_params(engine.module)
+                engine.destroy()
         del zero3
 
     # Final evaluation and export of the trained weights (gathered across ZeRO shards).
     unset_hf_deepspeed_config()
     predictions: list[dict[str, Any]] = []
+    eval_started = time.perf_counter()
     last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
     last_eval.update(forgetting_metrics(engine.module))
     if test_shard is not None:  # data.test: scored once, by the final model
@@ -586,7 +605,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     generations = []
     if task.generate is not None and config.get("prompts"):
         generations = task.generate(engine, config["prompts"], load_tokenizer(cfg), cfg)
-    full_state = ckpt.full_state_dict(engine, rank)
+    timings.add("eval", time.perf_counter() - eval_started)
+    with timings.section("export"):
+        full_state = ckpt.full_state_dict(engine, rank)
     metrics = {
         "step": step,
         "epoch": round(overall_epoch, 4),
@@ -634,9 +655,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ledger.flush()
     # The final checkpoint is a training state too (resumable, `rayft export`), with the
     # exported model beside it; a resume from it finds every epoch done.
-    export_dir = save_state(phase.epochs, 0, {k: v for k, v in metrics.items() if k != "done"})
-    metrics.update(final_extra)
+    with timings.section("checkpoint"):
+        export_dir = save_state(phase.epochs, 0, {k: v for k, v in metrics.items() if k != "done"})
     if rank == 0:
+        export_started = time.perf_counter()
         ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)
         with open(os.path.join(export_dir, HISTORY_FILE), "w") as handle:
             for entry in history:
@@ -652,8 +674,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     handle.write(json.dumps(entry) + "\n")
         with open(os.path.join(export_dir, "plan.json"), "w") as handle:
             json.dump(asdict(plan), handle, indent=2)
+        timings.add("export", time.perf_counter() - export_started)
     del full_state
     dist.barrier()
+    timings.add("train", train_seconds)
+    # The worker's own wall time, so the driver can tell what Ray Train's start, stop and
+    # checkpoint persistence cost (`launch`).
+    timings.add("worker", time.perf_counter() - fn_started)
+    final_extra["timings"] = timings.as_dict()
+    metrics.update(final_extra)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
     shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()

@@ -34,6 +34,7 @@ from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, t
 from rayft.plan import warn_if_unfit
 from rayft.resilience import fault_from_env
 from rayft.tasks import get_task
+from rayft.timing import Timings
 
 
 def _mark_pad(batch: pa.Table, *, value: bool) -> pa.Table:
@@ -335,11 +336,14 @@ def _fit(
     started: float,
     resume_from: str | None,
 ) -> dict[str, Any]:
-    init_ray(cfg)
-    prepared = prepare(cfg, files)
-    plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
-    _print_plan(cfg, prepared, plan)
-    datasets = build_datasets(cfg, prepared, plan)
+    timings = Timings()
+    with timings.section("ray_start"):
+        init_ray(cfg)
+    with timings.section("data"):
+        prepared = prepare(cfg, files)
+        plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
+        _print_plan(cfg, prepared, plan)
+        datasets = build_datasets(cfg, prepared, plan)
     trainer = build_trainer(
         cfg,
         plan,
@@ -350,8 +354,9 @@ def _fit(
         general_text=general_text,
         resume_from=resume_from,
     )
-    result = run_trainer(trainer, cfg)
-    metrics = write_outputs(cfg, prepared, result, started)
+    with timings.section("run"):
+        result = run_trainer(trainer, cfg)
+    metrics = write_outputs(cfg, prepared, result, started, timings)
     # After the run's own outputs are safe: a baseline that fails loses nothing else.
     return add_frozen_baseline(cfg, files, run_name, cfg.output_dir) or metrics
 
@@ -474,9 +479,12 @@ def write_outputs(
     prepared: Prepared,
     result: Any,
     started: float,
+    timings: Timings | None = None,
 ) -> dict[str, Any]:
     """Copy the exported model out of the final checkpoint; write metrics.json (with the
-    baselines, forgetting, slices and the selected checkpoint) and the report."""
+    baselines, forgetting, slices, the selected checkpoint and, from the driver's
+    ``timings`` and the workers', where the wall time went) and the report."""
+    outputs_started = time.perf_counter()
     out = cfg.output_dir
     with ckpt.local_dir(result.checkpoint) as directory:
         for name in (ckpt.MODEL_DIR, ckpt.ADAPTER_DIR):
@@ -489,6 +497,7 @@ def write_outputs(
                 shutil.copy(os.path.join(directory, name), os.path.join(out, name))
     final = dict(result.metrics)
     final.pop("done", None)
+    spent = (timings or Timings()).with_workers(final.pop("timings", None))
     pretrained = final.pop("pretrained_eval", None)
     forgetting = final.pop("forgetting", None)
     slices = final.pop("slices", None)
@@ -528,6 +537,9 @@ def write_outputs(
     selected = _selected_checkpoint(cfg, result)
     if selected is not None:
         metrics["selected_checkpoint"] = selected
+    spent.add("outputs", time.perf_counter() - outputs_started)
+    metrics["wall_seconds"] = time.time() - started  # the outputs included
+    metrics["timings"] = spent.as_dict()
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     if cfg.eval.report:

@@ -40,6 +40,7 @@ from rayft.console import say
 from rayft.data import fs
 from rayft.evaluate import add_within_forgetting, within_forgetting_key
 from rayft.tasks import get_task
+from rayft.timing import Timings
 
 TUNE_DIR = "tune"
 POINTER_FILE = "rayft_train_checkpoint.json"
@@ -197,8 +198,11 @@ def run_trial(
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
         handle.write(dump_config(cfg))
-    prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
-    plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
+    timings = Timings()
+    with timings.section("data"):
+        prepared = prepare(cfg, outputs=False)  # the search driver wrote the data report
+        plan = Plan.derive(cfg, prepared.labels, prepared.units, cfg.scaling.num_workers)
+        datasets = build_datasets(cfg, prepared, plan)
     run_name, resume = cfg.run_name, None
     restored = tune.get_checkpoint()
     if restored is not None:  # PBT exploit or a resumed search: continue from that state
@@ -216,7 +220,7 @@ def run_trial(
     trainer = build_trainer(
         cfg,
         plan,
-        build_datasets(cfg, prepared, plan),
+        datasets,
         run_name=run_name,
         callbacks=[_relay_callback(queue)],
         resume_from=resume,
@@ -227,7 +231,8 @@ def run_trial(
 
     def fit() -> None:
         try:
-            outcome["result"] = run_trainer(trainer, cfg)
+            with timings.section("run"):
+                outcome["result"] = run_trainer(trainer, cfg)
         except BaseException as exc:  # surfaced in the trial below
             outcome["error"] = exc
 
@@ -247,7 +252,7 @@ def run_trial(
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
-    summary = write_outputs(cfg, prepared, result, started)
+    summary = write_outputs(cfg, prepared, result, started, timings)
     final = {**(final or {}), COMPLETED: 1, "wall_seconds": summary["wall_seconds"]}
     final = _with_objective(final, cfg, metric, mode)
     # No checkpoint: the trial's last Tune checkpoint stays a training state (the export is

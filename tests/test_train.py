@@ -8,11 +8,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from rayft.config import load_config, validate_config
+from rayft.timing import SECTIONS, Timings
 from rayft.trainer import fit
 from tests.conftest import base_config, files_holding_secrets
 from tests.fixtures.data import sentiment_rows, write_jsonl
@@ -92,6 +94,14 @@ def test_full_zero2_baselines_slices_report_and_tracking(
     max_len = load_config(out / "config.yaml").train.max_seq_len
     assert 6 * 258 < metrics["train_tokens"] < 6 * 258 * max_len
     assert steps[-1]["train_tokens"] == metrics["train_tokens"]
+    # Where the wall time went: every section of the run timed, in order, none negative,
+    # together within the wall time (the frozen baseline ran after it).
+    timings = metrics["timings"]
+    assert list(timings) == list(SECTIONS)
+    assert all(v >= 0 for v in timings.values())
+    assert timings["train"] == pytest.approx(metrics["train_seconds"], abs=1e-3)
+    assert timings["eval"] > 0 and timings["checkpoint"] > 0 and timings["launch"] > 0
+    assert sum(timings.values()) <= metrics["wall_seconds"]
     # The resolved config is saved and is itself a valid config.
     assert load_config(out / "config.yaml").deepspeed.stage == 2
 
@@ -262,3 +272,18 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     best = min(within, key=lambda h: h["eval_loss"])
     assert selected["step"] == best["step"] and selected["within_forgetting"] is True
     assert "FLAGGED" in (out / "report.md").read_text()
+
+
+def test_timings_merge_driver_and_worker_sections():
+    driver = Timings()
+    driver.add("data", 2.0)
+    driver.add("run", 10.0)
+    with driver.section("outputs"):
+        pass
+    merged = driver.with_workers({"setup": 1.5, "train": 5.0, "eval": 1.0, "worker": 8.0})
+    assert merged.as_dict() == {
+        "data": 2.0, "launch": 2.0, "setup": 1.5, "train": 5.0, "eval": 1.0,
+        "outputs": pytest.approx(0.0, abs=0.01),
+    }  # fmt: skip
+    # Without the workers' figures (a run that reported none) nothing is made up.
+    assert driver.with_workers(None).as_dict().keys() == {"data", "outputs"}
