@@ -19,6 +19,7 @@ import yaml
 
 from rayft import report_plots as plots_png
 from rayft.evaluate import PRIMARY_METRIC, lower_is_better
+from rayft.timing import SECTIONS
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -88,6 +89,7 @@ def write_report(output_dir: str) -> list[str]:
         _data(run),
         _metrics(run, plots),
         _training(run, plots),
+        _time(run),
         _forgetting(run),
         _slices(run, plots),
     ]
@@ -534,6 +536,31 @@ def _training(run: _Run, plots: list[str]) -> list[str]:
         f"(train loss {_fmt(final.get('train_loss'))}, eval loss {_fmt(final.get('eval_loss'))}).",
         "",
         f"![learning curves]({os.path.basename(path)})",
+    ]
+
+
+def _time(run: _Run) -> list[str]:
+    """Where the wall time went (metrics.json's `timings`), a row per section."""
+    timings = run.metrics.get("timings")
+    wall = run.metrics.get("wall_seconds")
+    if not isinstance(timings, dict) or not _num(wall) or wall <= 0:
+        return []
+    rows = [
+        [name, SECTIONS.get(name, ""), _duration(seconds), f"{100 * seconds / wall:.0f}%"]
+        for name, seconds in timings.items()
+        if _num(seconds)
+    ]
+    rest = wall - sum(s for s in timings.values() if _num(s))
+    if rest > 0:
+        rows.append(["other", "config checks, tracking, what no section covers", _duration(rest),
+                     f"{100 * rest / wall:.0f}%"])  # fmt: skip
+    return [
+        "## Where the time went",
+        "",
+        f"{_duration(wall)} in all; the training steps took "
+        f"{100 * (timings.get('train') or 0) / wall:.0f}% of it.",
+        "",
+        *_table(["section", "what", "time", "share"], rows, align="llrr"),
     ]
 
 

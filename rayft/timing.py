@@ -11,18 +11,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# In the order a run goes through them (also the order of the table in the report).
-SECTIONS = (
-    "ray_start",  # driver: joining or starting Ray
-    "data",  # driver: reading, cleaning, dedup, splitting; the tokenizing datasets
-    "launch",  # Ray Train: worker group start and teardown, checkpoint persistence
-    "setup",  # worker: imports, tokenizer, model, DeepSpeed engine
-    "train",  # worker: optimizer steps, waiting for batches included
-    "eval",  # worker: evaluations, the pretrained baseline's and the final one included
-    "checkpoint",  # worker: writing training states
-    "export",  # worker: gathering and writing the trained model and predictions
-    "outputs",  # driver: model copy, metrics.json, the report
-)
+# In the order a run goes through them (the report's table keeps it), with what each holds.
+SECTIONS = {
+    "ray_start": "joining or starting Ray (driver)",
+    "data": "reading, cleaning, dedup, splitting; the tokenizing datasets (driver)",
+    "launch": "Ray Train starting and stopping the workers, persisting checkpoints",
+    "setup": "imports, tokenizer, model, DeepSpeed engine (workers)",
+    "train": "optimizer steps, waiting for batches included (workers)",
+    "eval": "evaluations, the baseline and final ones included (workers)",
+    "checkpoint": "writing training states (workers)",
+    "export": "gathering and writing the trained model and predictions (workers)",
+    "outputs": "model copy and metrics.json (driver)",
+}
 
 
 class Timings:

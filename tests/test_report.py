@@ -82,6 +82,17 @@ def _classification_run(out: Path, *, forgetting_exceeded: bool, gap_exceeded: b
         "eval_loss": 0.4123,
         "train_loss": 0.3311,
         "wall_seconds": 312.5,
+        "timings": {
+            "ray_start": 2.5,
+            "data": 20.0,
+            "launch": 15.0,
+            "setup": 10.0,
+            "train": 240.0,
+            "eval": 12.0,
+            "checkpoint": 3.0,
+            "export": 2.0,
+            "outputs": 0.5,
+        },  # fmt: skip
         "train_rows": 470,
         "step": 90,
         "epoch": 3.0,
@@ -230,6 +241,14 @@ def test_classification_report_compares_flags_and_plots(tmp_path):
         "Best checkpoint kept by Ray Train: `runs/x/ray/checkpoint_000002` (step 60, accuracy 0.8475"
         in md
     )
+    # where the time went: a row per section, in the run's order, the rest as "other"
+    assert "5m 12s in all; the training steps took 77% of it." in md
+    assert "| ray_start | joining or starting Ray (driver) | 2.5s | 1% |" in md
+    assert (
+        "| train | optimizer steps, waiting for batches included (workers) | 4m 00s | 77% |" in md
+    )
+    assert md.index("| ray_start |") < md.index("| train | optimizer") < md.index("| outputs |")
+    assert "| other | config checks, tracking, what no section covers | 7.5s | 2% |" in md
     # confusion: 12 of 60 rows wrong, 4 per true label
     assert "on 60 eval rows" in md and "(4 rows)" in md
     # forgetting: probe explained, flagged in the glance and in its section
@@ -248,7 +267,7 @@ def test_classification_report_compares_flags_and_plots(tmp_path):
 
     page = (tmp_path / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<table>") == 5  # config, data, baselines, forgetting, slices
+    assert page.count("<table>") == 6  # config, data, baselines, time, forgetting, slices
     assert "<td>0.8475</td>" in page or 'right;">0.8475</td>' in page
     for image in ("learning_curves.png", "confusion_matrix.png", "slices.png"):
         assert f'src="{image}"' in page
