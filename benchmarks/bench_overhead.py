@@ -171,14 +171,15 @@ def prepare_run(work: str | None, name: str) -> tuple[str, Timeline]:
     return work, timeline
 
 
-def start_ray(num_cpus: int) -> float:
+def start_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> float:
     """A Ray of this process's own (never one another program on the machine started,
     which `rayft.trainer.init_ray` would join), with rayft's runtime environment and as
     many logical CPUs as `init_ray` would give it; the seconds it took to start."""
     from rayft.trainer import start_local_ray
 
     started = time.time()
-    start_local_ray(num_cpus)  # workers at nice 0 unless RAY_worker_niceness says otherwise
+    # Workers at nice 0 unless RAY_worker_niceness says otherwise.
+    start_local_ray(num_cpus, include_dashboard=include_dashboard)
     return time.time() - started
 
 
@@ -423,17 +424,23 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10, help="left out of steady state")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--no-dashboard", action="store_true", help="a local Ray without its dashboard processes"
+    )
+    parser.add_argument("--name", default="overhead", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     args.work, timeline = prepare_run(args.work, "overhead")
 
     from rayft.config import resolve_paths, validate_config
     from rayft.data.prepare import check_sources, prepare
+    from rayft.trainer import WORKER_NICENESS_ENV
 
     train = sst2_subset(args.rows, args.work)
     eval_ = sst2_dev_subset(args.eval_rows, args.work)
     base = rayft_config(args, train, eval_, os.path.join(args.work, "run"))
     cfg = resolve_paths(validate_config(base))
-    ray_start = start_ray(2 + 2)  # init_ray's count: the worker's 2 CPUs + 2 for data
+    # init_ray's count: the worker's 2 CPUs + 2 for data.
+    ray_start = start_ray(2 + 2, include_dashboard=False if args.no_dashboard else None)
     threads = worker_threads()
     started = time.time()
     prepare(cfg, check_sources(cfg), outputs=False)  # cold: the runs below reuse the shards
@@ -508,12 +515,14 @@ def main() -> None:
             "torch_threads": threads,
             "warmup_steps": args.warmup_steps,
             "same_tokens_both_sides": tokens_equal,
+            "ray_dashboard": not args.no_dashboard,
+            "worker_niceness": os.environ.get(WORKER_NICENESS_ENV),
         },  # fmt: skip
         "summary": summary,
         "ingest": ingested,
         "repeats": repeats,
     }
-    path = write_result("overhead", result)
+    path = write_result(args.name, result)
     print("\n| figure | rayft (1 worker) | plain loop | ratio |")
     print("|---|---|---|---|")
     print(f"| steady step s | {rayft_step:.3f} | {plain_step:.3f} | "

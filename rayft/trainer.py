@@ -286,18 +286,24 @@ def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> Non
     start_local_ray(needed)
 
 
-def start_local_ray(num_cpus: int) -> None:
+def start_local_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> None:
     """A new Ray of this process's own, with at least ``num_cpus`` logical CPUs.
 
     Ray starts its workers at nice 15, so on a busy machine every Ray daemon preempts the
     training processes. The training workers are the point of a rayft run: they get
     normal priority, as Ray's own job manager gives the jobs it supervises (on an idle
     2-core machine the difference was within noise: benchmarks/RESULTS.md, Overhead). An
-    explicit `RAY_worker_niceness` wins."""
+    explicit `RAY_worker_niceness` wins. ``include_dashboard``: Ray's own default (on
+    where `ray[default]` is installed) unless given."""
     import ray
 
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus), runtime_env=RUNTIME_ENV)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, num_cpus),
+        runtime_env=RUNTIME_ENV,
+        include_dashboard=include_dashboard,
+    )
 
 
 def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:

@@ -184,6 +184,14 @@ def test_configuration_reference_is_generated_from_the_schema():
     assert "`deepspeed.stage`" in committed and "ZeRO stage" in committed
 
 
+def test_performance_page_lists_every_timed_section():
+    from rayft.timing import SECTIONS
+
+    page = (REPO / "docs" / "performance.md").read_text()
+    for name, what in SECTIONS.items():
+        assert f"| `{name}` | {what} |" in page, f"docs/performance.md: add or update `{name}`"
+
+
 def test_help_lists_config_keys(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
