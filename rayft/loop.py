@@ -7,6 +7,7 @@ reporting and checkpointing as configured. Finally gather the weights and export
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -403,8 +404,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
             say(f"eval at step {step}: {shown}")
-        # Writing the state and Ray persisting it to storage.
-        with timings.section("checkpoint" if do_ckpt else "eval"):
+        # A checkpoint's time: writing the state, and Ray persisting it in report().
+        with timings.section("checkpoint") if do_ckpt else contextlib.nullcontext():
             if do_ckpt:
                 directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
@@ -415,10 +416,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def before_training(engine: Any, phase: methods.Phase) -> None:
         """The untrained model's figures: the forgetting baseline (training the probe
         first when there is one) and, as a baseline, its eval metrics (step 0)."""
-        with timings.section("eval"):
-            _before_training(engine, phase)
-
-    def _before_training(engine: Any, phase: methods.Phase) -> None:
         if forgetting is not None:
             if forgetting.head_source == "probe":
                 before = forgetting.train_probe(engine.module, device, cfg.eval.probe_steps)
@@ -473,7 +470,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 start_epoch, skip_micro = start_epoch + 1, 0
         timings.add("setup", time.perf_counter() - setup_started)
         if resume_dir is None and phase_index == 0:
-            before_training(engine, phase)
+            with timings.section("eval"):
+                before_training(engine, phase)
         if rank == 0:
             say(
                 f"phase '{phase.name}': {trainable:,} of {total:,} parameters train "
@@ -593,19 +591,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # Final evaluation and export of the trained weights (gathered across ZeRO shards).
     unset_hf_deepspeed_config()
     predictions: list[dict[str, Any]] = []
-    eval_started = time.perf_counter()
-    last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
-    last_eval.update(forgetting_metrics(engine.module))
-    if test_shard is not None:  # data.test: scored once, by the final model
-        scores = evaluate(engine, test_shard, task, cfg, plan, pad_id)
-        last_eval.update(
-            {"test_loss" if k == "eval_loss" else "test_rows" if k == "eval_rows" else
-             f"test_{k}": v for k, v in scores.items()}
-        )  # fmt: skip
     generations = []
-    if task.generate is not None and config.get("prompts"):
-        generations = task.generate(engine, config["prompts"], load_tokenizer(cfg), cfg)
-    timings.add("eval", time.perf_counter() - eval_started)
+    with timings.section("eval"):
+        last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id, predictions)
+        last_eval.update(forgetting_metrics(engine.module))
+        if test_shard is not None:  # data.test: scored once, by the final model
+            scores = evaluate(engine, test_shard, task, cfg, plan, pad_id)
+            last_eval.update(
+                {"test_loss" if k == "eval_loss" else "test_rows" if k == "eval_rows" else
+                 f"test_{k}": v for k, v in scores.items()}
+            )  # fmt: skip
+        if task.generate is not None and config.get("prompts"):
+            generations = task.generate(engine, config["prompts"], load_tokenizer(cfg), cfg)
     with timings.section("export"):
         full_state = ckpt.full_state_dict(engine, rank)
     metrics = {
@@ -658,23 +655,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     with timings.section("checkpoint"):
         export_dir = save_state(phase.epochs, 0, {k: v for k, v in metrics.items() if k != "done"})
     if rank == 0:
-        export_started = time.perf_counter()
-        ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)
-        with open(os.path.join(export_dir, HISTORY_FILE), "w") as handle:
-            for entry in history:
-                handle.write(json.dumps(entry) + "\n")
-        with open(os.path.join(export_dir, PREDICTIONS_FILE), "w") as handle:
-            if task.per_example is not None:  # windows of one question -> its answer
-                predictions = task.per_example(predictions)
-            for row in sorted(predictions, key=lambda r: (r["source"], r["line"])):
-                handle.write(json.dumps(task.describe(row, plan.labels)) + "\n")
-        if generations:
-            with open(os.path.join(export_dir, GENERATIONS_FILE), "w") as handle:
-                for entry in generations:
+        with timings.section("export"):
+            ckpt.export_model(full_state, cfg, plan.labels, heads, export_dir)
+            with open(os.path.join(export_dir, HISTORY_FILE), "w") as handle:
+                for entry in history:
                     handle.write(json.dumps(entry) + "\n")
-        with open(os.path.join(export_dir, "plan.json"), "w") as handle:
-            json.dump(asdict(plan), handle, indent=2)
-        timings.add("export", time.perf_counter() - export_started)
+            with open(os.path.join(export_dir, PREDICTIONS_FILE), "w") as handle:
+                if task.per_example is not None:  # windows of one question -> its answer
+                    predictions = task.per_example(predictions)
+                for row in sorted(predictions, key=lambda r: (r["source"], r["line"])):
+                    handle.write(json.dumps(task.describe(row, plan.labels)) + "\n")
+            if generations:
+                with open(os.path.join(export_dir, GENERATIONS_FILE), "w") as handle:
+                    for entry in generations:
+                        handle.write(json.dumps(entry) + "\n")
+            with open(os.path.join(export_dir, "plan.json"), "w") as handle:
+                json.dump(asdict(plan), handle, indent=2)
     del full_state
     dist.barrier()
     timings.add("train", train_seconds)

@@ -509,7 +509,7 @@ def write_outputs(
     slices = final.pop("slices", None)
     metrics: dict[str, Any] = {
         **final,
-        "wall_seconds": time.time() - started,
+        "wall_seconds": None,  # set last, once the outputs are written
         "train_rows": prepared.rows["train"],
         **({"train_windows": prepared.units["train"]} if prepared.features else {}),
         "checkpoint_path": result.checkpoint.path,
@@ -544,7 +544,7 @@ def write_outputs(
     if selected is not None:
         metrics["selected_checkpoint"] = selected
     spent.add("outputs", time.perf_counter() - outputs_started)
-    metrics["wall_seconds"] = time.time() - started  # the outputs included
+    metrics["wall_seconds"] = time.time() - started
     metrics["timings"] = spent.as_dict()
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
