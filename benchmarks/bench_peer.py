@@ -266,6 +266,8 @@ def main() -> None:
     parser.add_argument("--name", default="peer", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
+    if "hf_trainer" not in args.scenarios or len(args.scenarios) < 2:
+        parser.error("--scenarios: hf_trainer and at least one rayft run (the ratios need both)")
     args.work, _ = prepare_run(args.work, "peer")
 
     args.train = sst2_subset(args.rows, args.work)
