@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -197,13 +199,24 @@ def _describe_worker_failure(rank: int, error: BaseException) -> str:
 
 
 def run_trainer(trainer: Any, cfg: RayftConfig) -> Any:
-    """`trainer.fit()`, its failures (Ray raises some, returns others) as TrainingFailed."""
+    """`trainer.fit()`, its failures (Ray raises some, returns others) as TrainingFailed.
+
+    In the main thread Ray Train installs a Ctrl-C handler that holds its controller
+    actor and keeps it for good: the controller, and the dataset manager and split
+    coordinators it owns, would outlive the run (four processes using CPU beside whatever
+    runs next) and the caller's own handler would be gone. The caller's handler comes
+    back when the run ends, which lets those actors go."""
     from ray.train import TrainingFailedError
 
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
         raise TrainingFailed.from_ray(exc, cfg) from exc
+    finally:
+        if handler is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, handler)
     if result.error is not None:
         raise TrainingFailed.from_ray(result.error, cfg) from result.error
     return result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,14 @@ SECRET_VARIABLES = (
 )
 for _name in SECRET_VARIABLES:
     os.environ.setdefault(_name, f"canary-{_name.lower()}-5f3a9c1e7b")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 2 s until it holds; fail after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(2)
 
 
 def files_holding_secrets(*roots: str | Path) -> list[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 from rayft.config import load_config, validate_config
 from rayft.timing import SECTIONS, Timings
 from rayft.trainer import fit
-from tests.conftest import base_config, files_holding_secrets
+from tests.conftest import base_config, files_holding_secrets, wait_for
 from tests.fixtures.data import sentiment_rows, write_jsonl
 from tests.fixtures.models import GENERAL_TEXT
 
@@ -36,6 +38,18 @@ METRIC_KEYS = {
 def run(config: dict) -> tuple[dict, Path]:
     metrics = fit(validate_config(config))
     return metrics, Path(config["output_dir"])
+
+
+def alive_actors(*classes: str) -> list[str]:
+    """Processes of these Ray actor classes on this machine, by their titles in /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        found += [name for name in classes if title.startswith(f"ray::{name}")]
+    return found
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -82,9 +96,14 @@ def test_full_zero2_baselines_slices_report_and_tracking(
               "slice_column": "group", "frozen_epochs": 2},
         tracking={"mlflow": True},
     )  # fmt: skip
+    own_handler = signal.getsignal(signal.SIGINT)
     metrics, out = run(config)
 
     assert set(metrics) >= METRIC_KEYS
+    # Ray Train's Ctrl-C handler (which held its controller) is gone with the run, and
+    # with it the controller and the data actors it owned.
+    assert signal.getsignal(signal.SIGINT) is own_handler
+    wait_for(lambda: not alive_actors("TrainController", "SplitCoordinator"), 20, "run's actors")
     steps = history(out)
     assert steps[-1]["train_loss"] < steps[1]["train_loss"]
     # 257 rows on 2 workers: one row repeated, nothing dropped, 6 epochs all completed.

@@ -19,7 +19,7 @@ import yaml
 
 from rayft.config import ConfigError, validate_config
 from rayft.tune import check_search_space
-from tests.conftest import REPO, base_config
+from tests.conftest import REPO, base_config, wait_for
 
 GOOD_LR = 3e-3
 BAD_LRS = [3.0]  # AdamW diverges: the eval loss shoots far above ln 2 at once
@@ -175,13 +175,6 @@ def trial_states(search_dir: Path) -> dict[str, str]:
                 trial = json.loads(entry[0])
                 states[trial["trial_id"]] = trial["status"]
     return states
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
