@@ -155,8 +155,24 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest_options()),
+        dataset_config=DataConfig(
+            datasets_to_split=datasets_to_split(datasets, s.num_workers),
+            execution_options=ingest_options(),
+        ),
     )
+
+
+def datasets_to_split(datasets: dict[str, Any], num_workers: int) -> list[str]:
+    """The splits Ray Train hands out through a streaming split. Each such split runs a
+    coordinator actor (a process of its own) for the whole run; a single worker reading a
+    split already in the object store has nothing to coordinate, so it reads the split
+    directly. A streamed split keeps its coordinator, which runs the reading and
+    tokenizing outside the training process."""
+    from ray.data.dataset import MaterializedDataset
+
+    if num_workers > 1:
+        return list(datasets)
+    return [name for name, ds in datasets.items() if not isinstance(ds, MaterializedDataset)]
 
 
 RUN_FILE = "run.json"  # in output_dir: the run it last started, for `--resume`
@@ -275,6 +291,7 @@ def default_run_name(cfg: RayftConfig) -> str:
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that a local ray.init starts
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller
 RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
 
 
@@ -311,6 +328,9 @@ def start_local_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> 
     import ray
 
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    # Ray Train's preemption watcher (one more process for every run) follows node
+    # drains, which an autoscaler starts on a cluster; this Ray is this machine's alone.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, num_cpus),

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,27 @@ def alive_actors(*classes: str) -> list[str]:
             continue
         found += [name for name in classes if title.startswith(f"ray::{name}")]
     return found
+
+
+class ActorWatch:
+    """The actor classes among ``classes`` that ran at any time inside the block."""
+
+    def __init__(self, *classes: str):
+        self.classes, self.seen = classes, set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.5):
+            self.seen.update(alive_actors(*self.classes))
+
+    def __enter__(self) -> set[str]:
+        self.thread.start()
+        return self.seen
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -260,21 +282,26 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
 ):
     """A backbone with a real masked-LM head (pretrained on the general text) fine-tuned
     at a learning rate far too high: its general-text loss rises, the run is flagged and
-    `rayft train` exits with 3; checkpoints within the limit rank first."""
+    `rayft train` exits with 3; checkpoints within the limit rank first. One worker (both
+    cores, the 2-worker global batch of 16), so it reads the splits in the object store
+    directly: no split coordinators run."""
     from rayft.cli import main
 
     config = base_config(
         mlm_model,
         toy_data,
         tmp_path / "overtrained",
-        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1},
+        scaling={"num_workers": 1, "cpus_per_worker": 2},
+        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
         checkpoint={"every_steps": 1, "keep": 20},
         eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
               "baselines": ["pretrained"]},
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["train", "--config", str(path)]) == 3
+    with ActorWatch("TrainController", "SplitCoordinator") as seen:
+        assert main(["train", "--config", str(path)]) == 3
+    assert "TrainController" in seen and "SplitCoordinator" not in seen, seen
 
     out = tmp_path / "overtrained"
     metrics = json.loads((out / "metrics.json").read_text())
