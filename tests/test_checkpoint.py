@@ -210,6 +210,27 @@ def test_pickled_weights_are_not_executed(tmp_path, tiny_model):
     assert not target.exists()
 
 
+def test_cpu_adamw_is_the_multi_tensor_one_and_steps_like_the_loop(process_group, tiny_model):
+    """On CPU rayft asks torch for its multi-tensor (foreach) AdamW, which torch only picks
+    by itself on GPUs; three steps match the per-tensor loop's to float rounding."""
+    weights, initial = [], None
+    for foreach in (True, False):
+        engine, _ = build_engine(tiny_model, stage=0)
+        assert all(group["foreach"] is True for group in engine.optimizer.param_groups)
+        for group in engine.optimizer.param_groups:
+            group["foreach"] = foreach
+        if initial is None:
+            initial = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        for seed in range(3):
+            train_step(engine, seed)
+        weights.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+        engine.destroy()
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not torch.equal(weights[0][k], initial[k]) for k in initial)  # it trained
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=1e-5, atol=1e-6)
+
+
 def test_single_rank_stage0_skips_the_all_reduce_and_trains_the_same(process_group, tiny_model):
     """World size 1, ZeRO stage 0: rayft turns DeepSpeed's gradient all-reduce off (the
     gradients are already global). Three steps with it off and forced back on must give
