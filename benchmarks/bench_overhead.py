@@ -7,7 +7,10 @@ SST-2 rows, in the same order and the same per-batch padded shapes: rayft with o
 Train worker (ZeRO stage 0, 2 CPUs), no shuffling and no length grouping (so its batches
 are the prepared rows in order); the plain loop in this process with torch's AdamW, the
 same learning-rate schedule and clipping, and as many torch threads as the Ray worker
-gets. Runs alternate which side goes first; the figures are medians of the repeats.
+gets, once with no Ray on the machine (the headline ratio: what its user would run) and
+once beside the benchmark's Ray left idle (which tells Ray's standing processes apart from
+what a rayft run adds). Each run's CPU is also split by process (Ray actor or daemon) over
+its steady state. Runs alternate which side goes first; figures are medians of repeats.
 
     python benchmarks/bench_overhead.py --rows 1280 --batch-size 32 --eval-every 10 \
         --warmup-steps 10 --repeats 3
@@ -159,6 +162,10 @@ class Timeline:
         with self.lock:
             return next((t for t, line in self.lines if t >= since and needle in line), None)
 
+    def every(self, needle: str, since: float) -> list[tuple[float, str]]:
+        with self.lock:
+            return [(t, line) for t, line in self.lines if t >= since and needle in line]
+
 
 def prepare_run(work: str | None, name: str) -> tuple[str, Timeline]:
     """What every benchmark here does first: its scratch directory (a temp dir unless
@@ -185,56 +192,122 @@ def start_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> float:
 
 class ForeignCpu:
     """Where the machine's CPU time went between `start` and `stop`, as shares of its
-    capacity: `foreign`, processes outside this benchmark's own tree (other people's
-    jobs on a shared machine, recorded beside every timing so a noisy figure can be told
-    apart); `trainer`, Ray Train's worker processes; `own_other`, the rest of this tree
-    (this driver, Ray's daemons and actors, Ray Data). Short-lived processes are missed."""
+    capacity, from /proc sampled every ``interval`` seconds in a background thread (so
+    Ray Train's workers and actors, which exit before `stop`, count up to their last
+    sample). `stop` gives three kinds: `foreign`, processes outside this benchmark's own
+    tree (other people's jobs on a shared machine, recorded beside every timing so a
+    noisy figure can be told apart); `trainer`, Ray Train's worker processes;
+    `own_other`, the rest of this tree (this driver, Ray's daemons and actors, Ray Data).
+    `roles` splits a window of the run by process (Ray's actor class or daemon)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 2.0) -> None:
         self.root = os.getpid()
-        self.before: dict[int, tuple[int, str]] = {}
-        self.started = 0.0
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[int, str, str]]]] = []
+        self.owned: dict[tuple[int, str], bool] = {}  # (pid, start time) -> in this tree
+        self.halt = threading.Event()
+        self.thread: threading.Thread | None = None
 
-    def _snapshot(self) -> dict[int, tuple[int, str]]:
-        parent, ticks, names = {}, {}, {}
+    def _role(self, pid: int, own: bool) -> str:
+        if not own:
+            return "foreign"
+        if pid == self.root:
+            return "driver"
+        try:  # read each time: a pooled Ray worker takes its actor's or task's title later
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmd = handle.read(256).decode(errors="replace").replace("\0", " ").strip()
+        except OSError:
+            return "other"
+        if cmd.startswith("ray::"):  # "ray::RayTrainWorker.run_train_fn" -> RayTrainWorker
+            return cmd[5:].split()[0].split(".")[0] if len(cmd) > 5 else "ray worker"
+        for daemon in ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor.py"):
+            if daemon in cmd:
+                return daemon.removesuffix(".py")
+        return " ".join(os.path.basename(part) for part in cmd.split()[:3]) or "other"
+
+    def _snapshot(self) -> dict[int, tuple[int, str, str]]:
+        parent, stats = {}, {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
             try:
                 with open(f"/proc/{name}/stat") as handle:
                     fields = handle.read().rpartition(")")[2].split()
-                with open(f"/proc/{name}/cmdline", "rb") as handle:
-                    names[int(name)] = handle.read(64).decode(errors="replace")
             except OSError:
                 continue
             parent[int(name)] = int(fields[1])
-            ticks[int(name)] = int(fields[11]) + int(fields[12])  # utime + stime
+            # utime + stime, and the start time that tells a reused pid apart
+            stats[int(name)] = (int(fields[11]) + int(fields[12]), fields[19])
 
-        def kind(pid: int) -> str:
-            if names.get(pid, "").startswith("ray::RayTrainWorker"):
-                return "trainer"
-            while pid > 1:
-                if pid == self.root:
-                    return "own_other"
+        def own(pid: int) -> bool:
+            while pid > 1 and pid != self.root:
                 pid = parent.get(pid, 0)
-            return "foreign"
+            return pid == self.root
 
-        return {pid: (t, kind(pid)) for pid, t in ticks.items()}
+        found = {}
+        for pid, (ticks, born) in stats.items():
+            if (pid, born) not in self.owned:
+                self.owned[(pid, born)] = own(pid)
+            found[pid] = (ticks, self._role(pid, self.owned[(pid, born)]), born)
+        return found
+
+    def _sample(self) -> None:
+        while not self.halt.wait(self.interval):
+            self.samples.append((time.time(), self._snapshot()))
 
     def start(self) -> None:
-        self.before = self._snapshot()
-        self.started = time.time()
+        self.samples = [(time.time(), self._snapshot())]
+        self.halt.clear()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
 
     def stop(self) -> dict[str, float]:
-        capacity = (time.time() - self.started) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        self.halt.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.samples.append((time.time(), self._snapshot()))
         shares = {"foreign": 0.0, "trainer": 0.0, "own_other": 0.0}
-        for pid, (t, kind) in self._snapshot().items():
-            shares[kind] += (t - self.before.get(pid, (0, ""))[0]) / max(capacity, 1e-9)
+        for role, share in self.roles().items():
+            kind = (
+                role
+                if role == "foreign"
+                else "trainer"
+                if role == "RayTrainWorker"
+                else "own_other"
+            )
+            shares[kind] += share["share"]
         return shares
+
+    def roles(self, since: float = 0.0, until: float = float("inf")) -> dict[str, dict[str, float]]:
+        """Each role's share of the machine's capacity between the first sample at or
+        after ``since`` and the last one at or before ``until``, and how many processes
+        held it. A process born in the window counts from zero, one gone counts to its
+        last sample."""
+        inside = [(t, snap) for t, snap in self.samples if since <= t <= until]
+        if len(inside) < 2:
+            raise ValueError(f"fewer than two CPU samples between {since} and {until}")
+        first_t, first = inside[0]
+        last: dict[int, tuple[int, str, str]] = {}
+        for _, snap in inside:
+            last.update(snap)
+        capacity = (inside[-1][0] - first_t) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        found: dict[str, dict[str, float]] = {}
+        for pid, (ticks, role, born) in last.items():  # the role it had last
+            used = ticks - (first[pid][0] if pid in first and first[pid][2] == born else 0)
+            entry = found.setdefault(role, {"share": 0.0, "processes": 0})
+            entry["share"] += used / capacity
+            entry["processes"] += 1 if used > 0 or role != "foreign" else 0
+        return dict(sorted(found.items(), key=lambda item: -item[1]["share"]))
 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def helper_share(roles: dict[str, dict[str, float]], training: str) -> float:
+    """The machine's share that went to this benchmark's own processes other than the
+    one training (``training``: the role of the process running the steps)."""
+    return sum(r["share"] for name, r in roles.items() if name not in ("foreign", training))
 
 
 # ------------------------------------------------------------------------ this benchmark
@@ -277,20 +350,25 @@ def worker_threads() -> dict[str, Any]:
 
 
 def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str, Any]:
+    import re
+
     from rayft.config import validate_config
     from rayft.trainer import fit
 
     cfg = validate_config(raw)
-    foreign = ForeignCpu()
-    foreign.start()
+    cpu = ForeignCpu()
+    cpu.start()
     started = time.time()
     metrics = fit(cfg)
     wall = time.time() - started
-    foreign_share = foreign.stop()
+    shares = cpu.stop()
     history = read_history(cfg.output_dir)
     first_step = timeline.first("phase 'full'", started)  # rank 0, right before step 1
     plan_line = timeline.first("rows per step", started)  # driver: data ready, trainer next
-    steady = steady_state(history, warmup)
+    # The steady window's wall-clock ends: rank 0's eval lines after the warm-up.
+    evals = [(t, int(m[1])) for t, line in timeline.every("eval at step", started)
+             if (m := re.search(r"eval at step (\d+)", line)) and int(m[1]) >= warmup]  # fmt: skip
+    roles = cpu.roles(evals[0][0], evals[-1][0]) if len(evals) >= 2 else {}
     return {
         "wall_seconds": wall,
         "startup_seconds": None if first_step is None else first_step - started,
@@ -301,9 +379,11 @@ def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str,
         "train_tokens": metrics["train_tokens"],
         "train_samples_per_second": metrics["train_samples_per_second"],
         "data_wait_fraction": metrics["data_wait_fraction"],
-        "steady": steady,
-        "foreign_cpu_fraction": foreign_share["foreign"],
-        "cpu_shares": foreign_share,
+        "steady": steady_state(history, warmup),
+        "foreign_cpu_fraction": shares["foreign"],
+        "cpu_shares": shares,
+        # steps evals[0][1]..evals[-1][1], per process role (Ray actor class or daemon)
+        "steady_cpu_roles": roles,
     }
 
 
@@ -328,8 +408,8 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
     from rayft.engine import ADAM_BETAS, ADAM_EPS, lr_lambda, param_groups
 
     torch.set_num_threads(threads)
-    foreign = ForeignCpu()
-    foreign.start()
+    cpu = ForeignCpu()
+    cpu.start()
     t = cfg.train
     path = resolve_path(MINILM)
     started = time.time()
@@ -352,8 +432,10 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
             [torch.tensor(s) for s in seqs], batch_first=True, padding_value=value
         )
 
-    step_seconds, tokens = [], 0
+    step_seconds, tokens, steady_from = [], 0, time.time()
     for step in range(steps):
+        if step == warmup:
+            steady_from = time.time()
         tick = time.perf_counter()
         lo, hi = step * t.batch_size, (step + 1) * t.batch_size
         ids = pad(enc["input_ids"][lo:hi], tokenizer.pad_token_id)
@@ -371,10 +453,13 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - tick)
         tokens += sum(len(s) for s in enc["input_ids"][lo:hi])
+    steady_until = time.time()
     del model, optimizer
     gc.collect()
+    shares = cpu.stop()
     return {"startup_seconds": startup, "steps": steps, "tokens": tokens,
-            "step_seconds": step_seconds, "foreign_cpu_fraction": foreign.stop()["foreign"]}  # fmt: skip
+            "step_seconds": step_seconds, "foreign_cpu_fraction": shares["foreign"],
+            "cpu_shares": shares, "steady_cpu_roles": cpu.roles(steady_from, steady_until)}  # fmt: skip
 
 
 def ingest(cfg: Any, batch_size: int) -> dict[str, Any]:
@@ -451,50 +536,86 @@ def main() -> None:
           f"{len(rows)} rows, worker torch threads {threads}, ingest "
           f"{ingested['rows_per_second']:.0f} rows/s", flush=True)  # fmt: skip
 
+    # Three sides per repeat: rayft; the plain loop as its user runs it, with no Ray on the
+    # machine ("plain"); and the plain loop beside this Ray left idle ("plain_beside_ray"),
+    # which separates Ray's standing processes from what a rayft run adds to them.
+    import ray
+
+    dashboard = False if args.no_dashboard else None
+    ray_starts = [ray_start]
     repeats = []
     for r in range(args.repeats):
-        order = ["rayft", "plain"] if r % 2 == 0 else ["plain", "rayft"]
+        order = ["rayft", "plain_beside_ray", "plain"]
+        order = order if r % 2 == 0 else order[::-1]
         done: dict[str, Any] = {"order": order}
         for side in order:
+            if side == "plain" and ray.is_initialized():
+                ray.shutdown()
+            elif side != "plain" and not ray.is_initialized():
+                ray_starts.append(start_ray(2 + 2, include_dashboard=dashboard))
             if side == "rayft":
                 raw = json.loads(json.dumps(base))
                 raw["output_dir"] = os.path.join(args.work, f"run-{r}")
                 done["rayft"] = run_rayft(raw, timeline, args.warmup_steps)
             else:
-                done["plain"] = run_plain(cfg, rows, threads["torch_threads"], args.warmup_steps)
-        # The same step window on both sides (batch shapes vary from step to step).
+                done[side] = run_plain(cfg, rows, threads["torch_threads"], args.warmup_steps)
+        # The same step window on every side (batch shapes vary from step to step).
         steady = done["rayft"]["steady"]
-        window = done["plain"]["step_seconds"][steady["from_step"] : steady["to_step"]]
-        done["plain"]["steady_step_seconds"] = sum(window) / len(window)
+        for side in ("plain", "plain_beside_ray"):
+            window = done[side]["step_seconds"][steady["from_step"] : steady["to_step"]]
+            done[side]["steady_step_seconds"] = sum(window) / len(window)
         done["overhead_ratio"] = steady["step_seconds"] / done["plain"]["steady_step_seconds"]
+        done["overhead_ratio_beside_ray"] = (
+            steady["step_seconds"] / done["plain_beside_ray"]["steady_step_seconds"]
+        )
+        for side in order:
+            roles = done[side]["steady_cpu_roles"]
+            training = "RayTrainWorker" if side == "rayft" else "driver"
+            done[side]["steady_helper_cpu_share"] = helper_share(roles, training) if roles else None
         repeats.append(done)
         print(f"repeat {r} ({' then '.join(order)}): rayft {steady['step_seconds']:.3f} s/step, "
-              f"plain {done['plain']['steady_step_seconds']:.3f} s/step, "
-              f"ratio {done['overhead_ratio']:.3f}; CPU used by other processes "
-              f"{done['rayft']['foreign_cpu_fraction']:.1%} / "
-              f"{done['plain']['foreign_cpu_fraction']:.1%}", flush=True)  # fmt: skip
+              f"plain {done['plain']['steady_step_seconds']:.3f} (beside an idle Ray "
+              f"{done['plain_beside_ray']['steady_step_seconds']:.3f}) s/step, ratio "
+              f"{done['overhead_ratio']:.3f} ({done['overhead_ratio_beside_ray']:.3f}); CPU "
+              f"used by other people's processes "
+              + " / ".join(f"{done[side]['foreign_cpu_fraction']:.1%}" for side in order),
+              flush=True)  # fmt: skip
+        for side in order:
+            shown = ", ".join(f"{name} {r['share']:.1%} ({r['processes']})"
+                              for name, r in done[side]["steady_cpu_roles"].items()
+                              if r["share"] >= 0.001)  # fmt: skip
+            print(f"  {side} steady CPU by process (share of the machine): {shown}", flush=True)
 
     def med(side: str, key: str) -> float:
         return median([rep[side][key] for rep in repeats])
 
     rayft_step = median([rep["rayft"]["steady"]["step_seconds"] for rep in repeats])
     plain_step = median([rep["plain"]["steady_step_seconds"] for rep in repeats])
+    beside_step = median([rep["plain_beside_ray"]["steady_step_seconds"] for rep in repeats])
     consumption = median([rep["rayft"]["steady"]["samples_per_second"] for rep in repeats])
     summary = {
         "rayft_steady_step_seconds": rayft_step,
         "plain_steady_step_seconds": plain_step,
         "overhead_ratio": median([rep["overhead_ratio"] for rep in repeats]),
         "overhead_ratio_of_medians": rayft_step / plain_step,
+        "plain_beside_ray_steady_step_seconds": beside_step,
+        "overhead_ratio_beside_ray": median([rep["overhead_ratio_beside_ray"] for rep in repeats]),
         "overhead_target": 1.05,
         "rayft_startup_seconds": med("rayft", "startup_seconds"),
         "rayft_data_ready_seconds": med("rayft", "data_stage_seconds"),
         "plain_startup_seconds": med("plain", "startup_seconds"),
-        "ray_start_seconds": ray_start,
+        "ray_start_seconds": median(ray_starts),
         "data_stage_cold_seconds": data_stage_cold,
         "rayft_wall_seconds": med("rayft", "wall_seconds"),
         "data_wait_fraction": med("rayft", "data_wait_fraction"),
         "foreign_cpu_fraction_rayft_runs": med("rayft", "foreign_cpu_fraction"),
         "foreign_cpu_fraction_plain_runs": med("plain", "foreign_cpu_fraction"),
+        # Ray's daemons and actors (and rayft's idle driver) beside the process training
+        "helper_cpu_share_rayft_steady": med("rayft", "steady_helper_cpu_share"),
+        "helper_cpu_share_plain_beside_ray_steady": med(
+            "plain_beside_ray", "steady_helper_cpu_share"
+        ),
+        "helper_cpu_share_plain_steady": med("plain", "steady_helper_cpu_share"),
         "data_wait_target": 0.02,
         "ingest_rows_per_second": ingested["rows_per_second"],
         "consumption_samples_per_second": consumption,
@@ -511,7 +632,9 @@ def main() -> None:
             "max_seq_len": args.max_seq_len,
             "lr": 2e-5,
             "rayft": "1 worker x 2 CPUs, ZeRO stage 0, no shuffle, group_by_length 0",
-            "plain": "this process, torch.optim.AdamW, same schedule and clipping",
+            "plain": "this process with no Ray running, torch.optim.AdamW, same schedule "
+            "and clipping",
+            "plain_beside_ray": "the same beside the benchmark's local Ray, left idle",
             "torch_threads": threads,
             "warmup_steps": args.warmup_steps,
             "same_tokens_both_sides": tokens_equal,
@@ -527,12 +650,18 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| steady step s | {rayft_step:.3f} | {plain_step:.3f} | "
           f"{summary['overhead_ratio']:.3f} |")  # fmt: skip
+    print(f"| ... plain loop beside an idle Ray | | {beside_step:.3f} | "
+          f"{summary['overhead_ratio_beside_ray']:.3f} |")  # fmt: skip
     print(f"| start-up s (per run, Ray up) | {summary['rayft_startup_seconds']:.1f} | "
           f"{summary['plain_startup_seconds']:.1f} | |")  # fmt: skip
     print(f"| data wait / train time | {summary['data_wait_fraction']:.2%} | | |")
     print(f"| ingest rows/s vs train samples/s | {summary['ingest_rows_per_second']:.0f} | "
           f"{consumption:.1f} | {summary['ingest_vs_consumption_ratio']:.1f} |")  # fmt: skip
-    print(f"\nRay start {ray_start:.1f} s (once per process), cold data stage "
+    print(f"| Ray's other processes, steady CPU share | "
+          f"{summary['helper_cpu_share_rayft_steady']:.1%} | "
+          f"{summary['helper_cpu_share_plain_steady']:.1%} (beside Ray "
+          f"{summary['helper_cpu_share_plain_beside_ray_steady']:.1%}) | |")  # fmt: skip
+    print(f"\nRay start {summary['ray_start_seconds']:.1f} s (median), cold data stage "
           f"{data_stage_cold:.1f} s; same tokens on both sides: {tokens_equal}; {path}")  # fmt: skip
 
 
