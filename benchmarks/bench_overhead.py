@@ -190,7 +190,7 @@ def start_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> float:
     return time.time() - started
 
 
-class ForeignCpu:
+class CpuCensus:
     """Where the machine's CPU time went between `start` and `stop`, as shares of its
     capacity, from /proc sampled every ``interval`` seconds in a background thread (so
     Ray Train's workers and actors, which exit before `stop`, count up to their last
@@ -268,13 +268,7 @@ class ForeignCpu:
         self.samples.append((time.time(), self._snapshot()))
         shares = {"foreign": 0.0, "trainer": 0.0, "own_other": 0.0}
         for role, share in self.roles().items():
-            kind = (
-                role
-                if role == "foreign"
-                else "trainer"
-                if role == "RayTrainWorker"
-                else "own_other"
-            )
+            kind = {"foreign": "foreign", "RayTrainWorker": "trainer"}.get(role, "own_other")
             shares[kind] += share["share"]
         return shares
 
@@ -296,6 +290,7 @@ class ForeignCpu:
             used = ticks - (first[pid][0] if pid in first and first[pid][2] == born else 0)
             entry = found.setdefault(role, {"share": 0.0, "processes": 0})
             entry["share"] += used / capacity
+            # this tree's processes all count; of the machine's others, only busy ones
             entry["processes"] += 1 if used > 0 or role != "foreign" else 0
         return dict(sorted(found.items(), key=lambda item: -item[1]["share"]))
 
@@ -356,7 +351,7 @@ def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str,
     from rayft.trainer import fit
 
     cfg = validate_config(raw)
-    cpu = ForeignCpu()
+    cpu = CpuCensus()
     cpu.start()
     started = time.time()
     metrics = fit(cfg)
@@ -368,7 +363,11 @@ def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str,
     # The steady window's wall-clock ends: rank 0's eval lines after the warm-up.
     evals = [(t, int(m[1])) for t, line in timeline.every("eval at step", started)
              if (m := re.search(r"eval at step (\d+)", line)) and int(m[1]) >= warmup]  # fmt: skip
-    roles = cpu.roles(evals[0][0], evals[-1][0]) if len(evals) >= 2 else {}
+    if len(evals) < 2:
+        raise ValueError(
+            f"the CPU split by process needs two evaluations at or after step {warmup}, "
+            f"got {len(evals)}: lower --eval-every or --warmup-steps"
+        )
     return {
         "wall_seconds": wall,
         "startup_seconds": None if first_step is None else first_step - started,
@@ -383,7 +382,7 @@ def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str,
         "foreign_cpu_fraction": shares["foreign"],
         "cpu_shares": shares,
         # steps evals[0][1]..evals[-1][1], per process role (Ray actor class or daemon)
-        "steady_cpu_roles": roles,
+        "steady_cpu_roles": cpu.roles(evals[0][0], evals[-1][0]),
     }
 
 
@@ -408,7 +407,7 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
     from rayft.engine import ADAM_BETAS, ADAM_EPS, lr_lambda, param_groups
 
     torch.set_num_threads(threads)
-    cpu = ForeignCpu()
+    cpu = CpuCensus()
     cpu.start()
     t = cfg.train
     path = resolve_path(MINILM)
@@ -571,7 +570,7 @@ def main() -> None:
         for side in order:
             roles = done[side]["steady_cpu_roles"]
             training = "RayTrainWorker" if side == "rayft" else "driver"
-            done[side]["steady_helper_cpu_share"] = helper_share(roles, training) if roles else None
+            done[side]["steady_helper_cpu_share"] = helper_share(roles, training)
         repeats.append(done)
         print(f"repeat {r} ({' then '.join(order)}): rayft {steady['step_seconds']:.3f} s/step, "
               f"plain {done['plain']['steady_step_seconds']:.3f} (beside an idle Ray "

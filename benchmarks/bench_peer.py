@@ -32,7 +32,7 @@ from typing import Any
 
 from bench_overhead import (
     MINILM,
-    ForeignCpu,
+    CpuCensus,
     environment,
     median,
     prepare_run,
@@ -289,7 +289,7 @@ def main() -> None:
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 out = os.path.join(args.work, f"{method}-{name}-{r}")
-                cpu = ForeignCpu()
+                cpu = CpuCensus()
                 cpu.start()
                 if SCENARIOS[name] is None:
                     figures = run_hf_trainer(args, method, rows, out)

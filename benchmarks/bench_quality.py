@@ -19,7 +19,7 @@ from typing import Any
 
 from bench_overhead import (
     MINILM,
-    ForeignCpu,
+    CpuCensus,
     environment,
     prepare_run,
     quiet_run_config,
@@ -117,7 +117,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for method in args.methods:
         raw = rayft_config(args, method, os.path.join(args.work, method))
-        cpu = ForeignCpu()
+        cpu = CpuCensus()
         cpu.start()
         results[method] = {"lr": method_config(args, method), **run(raw)}
         results[method]["cpu_shares"] = cpu.stop()  # foreign: other people's jobs

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench_overhead import (
     MINILM,
-    ForeignCpu,
+    CpuCensus,
     environment,
     median,
     prepare_run,
@@ -67,7 +67,7 @@ def throughput(args: argparse.Namespace, stage: int, repeat: int) -> dict[str, A
     from rayft.trainer import fit
 
     out = os.path.join(args.work, f"z{stage}-{repeat}")
-    cpu = ForeignCpu()
+    cpu = CpuCensus()
     cpu.start()
     started = time.time()
     metrics = fit(validate_config(rayft_config(args, stage, out)))
@@ -90,7 +90,7 @@ def memory(args: argparse.Namespace, stage: int) -> dict[str, Any]:
         "workers": args.workers, "batch": args.batch_size, "seq": args.max_seq_len,
         "ckpt": False,
     }  # fmt: skip
-    cpu = ForeignCpu()
+    cpu = CpuCensus()
     cpu.start()
     ranks = measure(spec, 29700 + stage)
     shares = cpu.stop()
