@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -158,13 +159,13 @@ class Timeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
-    def first(self, needle: str, since: float) -> float | None:
-        with self.lock:
-            return next((t for t, line in self.lines if t >= since and needle in line), None)
-
     def every(self, needle: str, since: float) -> list[tuple[float, str]]:
         with self.lock:
             return [(t, line) for t, line in self.lines if t >= since and needle in line]
+
+    def first(self, needle: str, since: float) -> float | None:
+        hits = self.every(needle, since)
+        return hits[0][0] if hits else None
 
 
 def prepare_run(work: str | None, name: str) -> tuple[str, Timeline]:
@@ -345,8 +346,6 @@ def worker_threads() -> dict[str, Any]:
 
 
 def run_rayft(raw: dict[str, Any], timeline: Timeline, warmup: int) -> dict[str, Any]:
-    import re
-
     from rayft.config import validate_config
     from rayft.trainer import fit
 
