@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -204,7 +205,7 @@ class CpuCensus:
     def __init__(self, interval: float = 2.0) -> None:
         self.root = os.getpid()
         self.interval = interval
-        self.samples: list[tuple[float, dict[int, tuple[int, str, str]]]] = []
+        self.samples: list[tuple[float, dict[int, tuple[int, str, str, int, int]]]] = []
         self.owned: dict[tuple[int, str], bool] = {}  # (pid, start time) -> in this tree
         self.halt = threading.Event()
         self.thread: threading.Thread | None = None
@@ -226,7 +227,7 @@ class CpuCensus:
                 return daemon.removesuffix(".py")
         return " ".join(os.path.basename(part) for part in cmd.split()[:3]) or "other"
 
-    def _snapshot(self) -> dict[int, tuple[int, str, str]]:
+    def _snapshot(self) -> dict[int, tuple[int, str, str, int, int]]:
         parent, stats = {}, {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
@@ -237,8 +238,13 @@ class CpuCensus:
             except OSError:
                 continue
             parent[int(name)] = int(fields[1])
-            # utime + stime, and the start time that tells a reused pid apart
-            stats[int(name)] = (int(fields[11]) + int(fields[12]), fields[19])
+            # utime + stime, the start time that tells a reused pid apart, stime, minor faults
+            stats[int(name)] = (
+                int(fields[11]) + int(fields[12]),
+                fields[19],
+                int(fields[12]),
+                int(fields[7]),
+            )
 
         def own(pid: int) -> bool:
             while pid > 1 and pid != self.root:
@@ -246,10 +252,10 @@ class CpuCensus:
             return pid == self.root
 
         found = {}
-        for pid, (ticks, born) in stats.items():
+        for pid, (ticks, born, system, faults) in stats.items():
             if (pid, born) not in self.owned:
                 self.owned[(pid, born)] = own(pid)
-            found[pid] = (ticks, self._role(pid, self.owned[(pid, born)]), born)
+            found[pid] = (ticks, self._role(pid, self.owned[(pid, born)]), born, system, faults)
         return found
 
     def _sample(self) -> None:
@@ -276,21 +282,28 @@ class CpuCensus:
     def roles(self, since: float = 0.0, until: float = float("inf")) -> dict[str, dict[str, float]]:
         """Each role's share of the machine's capacity between the first sample at or
         after ``since`` and the last one at or before ``until``, and how many processes
-        held it. A process born in the window counts from zero, one gone counts to its
-        last sample."""
+        held it; of that share, the kernel's (`system_share`: page faults, syscalls), and
+        the minor page faults per second. A process born in the window counts from zero,
+        one gone counts to its last sample."""
         inside = [(t, snap) for t, snap in self.samples if since <= t <= until]
         if len(inside) < 2:
             raise ValueError(f"fewer than two CPU samples between {since} and {until}")
         first_t, first = inside[0]
-        last: dict[int, tuple[int, str, str]] = {}
+        last: dict[int, tuple[int, str, str, int, int]] = {}
         for _, snap in inside:
             last.update(snap)
-        capacity = (inside[-1][0] - first_t) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        seconds = inside[-1][0] - first_t
+        capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
         found: dict[str, dict[str, float]] = {}
-        for pid, (ticks, role, born) in last.items():  # the role it had last
-            used = ticks - (first[pid][0] if pid in first and first[pid][2] == born else 0)
-            entry = found.setdefault(role, {"share": 0.0, "processes": 0})
+        for pid, (ticks, role, born, system, faults) in last.items():  # the role it had last
+            start = first[pid] if pid in first and first[pid][2] == born else (0, "", "", 0, 0)
+            used = ticks - start[0]
+            entry = found.setdefault(
+                role, {"share": 0.0, "processes": 0, "system_share": 0.0, "minor_faults_per_s": 0.0}
+            )
             entry["share"] += used / capacity
+            entry["system_share"] += (system - start[3]) / capacity
+            entry["minor_faults_per_s"] += (faults - start[4]) / seconds
             # this tree's processes all count; of the machine's others, only busy ones
             entry["processes"] += 1 if used > 0 or role != "foreign" else 0
         return dict(sorted(found.items(), key=lambda item: -item[1]["share"]))
@@ -397,8 +410,47 @@ def plain_rows(cfg: Any) -> list[dict[str, Any]]:
         return rows.take_all()
 
 
-def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -> dict[str, Any]:
-    """A plain loop: tokenize, pad each batch, forward, backward, clip, AdamW, schedule."""
+def deepspeed_alone(model: Any, cfg: Any, steps: int) -> Any:
+    """rayft's DeepSpeed engine (`rayft.engine.initialize`: its config, AdamW, schedule)
+    over a gloo process group of one rank in this process, as a 1-worker run has it."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from rayft.engine import initialize
+
+    if not dist.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    return initialize(model, cfg, cfg.train.lr, steps, 1)
+
+
+def run_plain(
+    cfg: Any,
+    rows: list[dict[str, Any]],
+    threads: int,
+    warmup: int,
+    *,
+    engine: str = "torch",
+    foreach: bool | None = None,
+    census: bool = True,
+    ray_data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A plain loop: tokenize, pad each batch, forward, backward, clip, AdamW, schedule.
+
+    ``engine`` "torch": torch's AdamW (``foreach``: None is torch's own pick, per-tensor on
+    CPU), clipping and LambdaLR by hand; "deepspeed": the same steps through rayft's
+    DeepSpeed engine (`deepspeed_alone`). ``census``: split this run's CPU by process
+    (off where the caller takes its own census, e.g. around a Ray actor running this).
+    ``ray_data``: the batches come from rayft's tokenized train split (`rayft_batches`,
+    these its keyword arguments) instead of from ``rows`` tokenized here (the same rows,
+    order and padded shapes)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -407,7 +459,8 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
 
     torch.set_num_threads(threads)
     cpu = CpuCensus()
-    cpu.start()
+    if census:
+        cpu.start()
     t = cfg.train
     path = resolve_path(MINILM)
     started = time.time()
@@ -419,10 +472,14 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
     model.train()
     steps = len(rows) // t.batch_size + (len(rows) % t.batch_size > 0)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.lr, t.weight_decay), lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    if engine == "deepspeed":
+        ds = deepspeed_alone(model, cfg, steps)
+    else:
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.lr, t.weight_decay),
+            lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=foreach,
+        )  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     startup = time.time() - started
 
     def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -430,63 +487,125 @@ def run_plain(cfg: Any, rows: list[dict[str, Any]], threads: int, warmup: int) -
             [torch.tensor(s) for s in seqs], batch_first=True, padding_value=value
         )
 
+    def from_rows() -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(steps):
+            lo, hi = step * t.batch_size, (step + 1) * t.batch_size
+            yield {
+                "input_ids": pad(enc["input_ids"][lo:hi], tokenizer.pad_token_id),
+                "attention_mask": pad([[1] * len(s) for s in enc["input_ids"][lo:hi]], 0),
+                "token_type_ids": pad(enc["token_type_ids"][lo:hi], 0),
+                "labels": y[lo:hi],
+            }
+
+    if ray_data is None:
+        batches = from_rows()
+    else:
+        batches = rayft_batches(cfg, tokenizer.pad_token_id, **ray_data)
     step_seconds, tokens, steady_from = [], 0, time.time()
     for step in range(steps):
         if step == warmup:
             steady_from = time.time()
         tick = time.perf_counter()
-        lo, hi = step * t.batch_size, (step + 1) * t.batch_size
-        ids = pad(enc["input_ids"][lo:hi], tokenizer.pad_token_id)
-        batch = {
-            "input_ids": ids,
-            "attention_mask": pad([[1] * len(s) for s in enc["input_ids"][lo:hi]], 0),
-            "token_type_ids": pad(enc["token_type_ids"][lo:hi], 0),
-            "labels": y[lo:hi],
-        }
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = next(batches)
+        if engine == "deepspeed":
+            loss = ds(**batch).loss
+            ds.backward(loss)
+            ds.step()  # clipping, AdamW, schedule, zero_grad
+        else:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - tick)
-        tokens += sum(len(s) for s in enc["input_ids"][lo:hi])
+        tokens += int(batch["attention_mask"].sum())
     steady_until = time.time()
-    del model, optimizer
+    if engine == "deepspeed":
+        ds.destroy()
+        torch.distributed.destroy_process_group()
+    done = {"startup_seconds": startup, "steps": steps, "tokens": tokens,
+            "step_seconds": step_seconds, "steady_from": steady_from,
+            "steady_until": steady_until}  # fmt: skip
+    del model
     gc.collect()
-    shares = cpu.stop()
-    return {"startup_seconds": startup, "steps": steps, "tokens": tokens,
-            "step_seconds": step_seconds, "foreign_cpu_fraction": shares["foreign"],
-            "cpu_shares": shares, "steady_cpu_roles": cpu.roles(steady_from, steady_until)}  # fmt: skip
+    if census:
+        shares = cpu.stop()
+        done.update(foreign_cpu_fraction=shares["foreign"], cpu_shares=shares,
+                    steady_cpu_roles=cpu.roles(steady_from, steady_until))  # fmt: skip
+    return done
 
 
-def ingest(cfg: Any, batch_size: int) -> dict[str, Any]:
-    """Rows/s of rayft's training data path alone: the train dataset as `build_datasets`
-    makes it (tokenized, materialized), iterated as `loop.py` iterates its shard
-    (`iter_batches`, numpy, 2 batches prefetched) and collated, with no training."""
+def rayft_train_split(cfg: Any) -> Any:
+    """rayft's train split as a 1-worker run gets it: tokenized and materialized by
+    `build_datasets` (the prepared shards are reused when present)."""
     from rayft.data.prepare import check_sources, prepare
     from rayft.loop import Plan
-    from rayft.tasks import get_task
     from rayft.trainer import build_datasets
 
     prepared = prepare(cfg, check_sources(cfg), outputs=False)
     plan = Plan.derive(cfg, prepared.labels, prepared.units, 1)
-    built = time.perf_counter()
-    train = build_datasets(cfg, prepared, plan)["train"]
-    built = time.perf_counter() - built
+    return build_datasets(cfg, prepared, plan)["train"]
+
+
+def rayft_batches(
+    cfg: Any, pad_id: int, train: Any = None, *, prefetch: int = 2, blocks: bool = False
+) -> Iterator[dict[str, Any]]:
+    """rayft's train batches: its split (``train``, else `rayft_train_split`) read as
+    `loop.py` reads its shard (`iter_batches`, numpy, ``prefetch`` batches prefetched) and
+    collated by the task. ``blocks``: the split's Arrow blocks fetched from the object
+    store one by one in this thread and cut into the same batches, with no Ray Data
+    iterator (no executor or prefetch threads)."""
+    from rayft.tasks import get_task
+
     task = get_task(cfg.task)
-    rows, first = 0, None
-    started = time.perf_counter()
-    for batch in train.iter_batches(
-        batch_size=batch_size, batch_format="numpy", prefetch_batches=2
-    ):
+    train = rayft_train_split(cfg) if train is None else train
+    size = cfg.train.batch_size
+    if blocks:
+        batches = arrow_block_batches(train, size)
+    else:
+        batches = train.iter_batches(
+            batch_size=size, batch_format="numpy", prefetch_batches=prefetch
+        )
+    for batch in batches:
         for name in ("_pad", "_source", "_line", "_slice"):
             batch.pop(name, None)
-        task.collate(batch, 0)
+        yield task.collate(batch, pad_id)
+
+
+def arrow_block_batches(train: Any, size: int) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
+    import ray
+    from ray.data.block import BlockAccessor
+
+    def numpy(table: pa.Table) -> dict[str, Any]:
+        return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+    carry = None
+    for ref in train.to_arrow_refs():
+        table = ray.get(ref)
+        table = table if carry is None else pa.concat_tables([carry, table])
+        whole = table.num_rows - table.num_rows % size
+        for lo in range(0, whole, size):
+            yield numpy(table.slice(lo, size))
+        carry = table.slice(whole)
+    if carry is not None and carry.num_rows:
+        yield numpy(carry)
+
+
+def ingest(cfg: Any) -> dict[str, Any]:
+    """Rows/s of rayft's training data path alone (`rayft_batches`), with no training."""
+    built = time.perf_counter()
+    train = rayft_train_split(cfg)
+    built = time.perf_counter() - built
+    rows, first = 0, None
+    started = time.perf_counter()
+    for batch in rayft_batches(cfg, 0, train):
         rows += len(batch["input_ids"])
         if first is None:
             first = time.perf_counter() - started
     seconds = time.perf_counter() - started
+    batch_size = cfg.train.batch_size
     return {
         "rows": rows,
         "build_seconds": built,
@@ -529,7 +648,7 @@ def main() -> None:
     prepare(cfg, check_sources(cfg), outputs=False)  # cold: the runs below reuse the shards
     data_stage_cold = time.time() - started
     rows = plain_rows(cfg)
-    ingested = ingest(cfg, args.batch_size)
+    ingested = ingest(cfg)
     print(f"ray start {ray_start:.1f}s, data stage (cold) {data_stage_cold:.1f}s, "
           f"{len(rows)} rows, worker torch threads {threads}, ingest "
           f"{ingested['rows_per_second']:.0f} rows/s", flush=True)  # fmt: skip
