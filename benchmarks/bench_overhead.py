@@ -410,9 +410,10 @@ def plain_rows(cfg: Any) -> list[dict[str, Any]]:
         return rows.take_all()
 
 
-def deepspeed_alone(model: Any, cfg: Any, steps: int) -> Any:
+def deepspeed_alone(model: Any, cfg: Any, steps: int) -> tuple[Any, bool]:
     """rayft's DeepSpeed engine (`rayft.engine.initialize`: its config, AdamW, schedule)
-    over a gloo process group of one rank in this process, as a 1-worker run has it."""
+    over a gloo process group of one rank in this process, as a 1-worker run has it; and
+    whether that group was created here (then the caller destroys it)."""
     import socket
 
     import deepspeed
@@ -420,7 +421,8 @@ def deepspeed_alone(model: Any, cfg: Any, steps: int) -> Any:
 
     from rayft.engine import initialize
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -428,7 +430,7 @@ def deepspeed_alone(model: Any, cfg: Any, steps: int) -> Any:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    return initialize(model, cfg, cfg.train.lr, steps, 1)
+    return initialize(model, cfg, cfg.train.lr, steps, 1), created
 
 
 def run_plain(
@@ -473,7 +475,7 @@ def run_plain(
     model.train()
     steps = len(rows) // t.batch_size + (len(rows) % t.batch_size > 0)
     if engine == "deepspeed":
-        ds = deepspeed_alone(model, cfg, steps)
+        ds, own_group = deepspeed_alone(model, cfg, steps)
     else:
         optimizer = torch.optim.AdamW(
             param_groups(model, t.lr, t.weight_decay),
@@ -523,7 +525,8 @@ def run_plain(
     steady_until = time.time()
     if engine == "deepspeed":
         ds.destroy()
-        torch.distributed.destroy_process_group()
+        if own_group:
+            torch.distributed.destroy_process_group()
     done = {"startup_seconds": startup, "steps": steps, "tokens": tokens,
             "step_seconds": step_seconds, "steady_from": steady_from,
             "steady_until": steady_until}  # fmt: skip
