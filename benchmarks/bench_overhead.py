@@ -560,6 +560,7 @@ def rayft_batches(
     store one by one in this thread and cut into the same batches, with no Ray Data
     iterator (no executor or prefetch threads)."""
     from rayft.tasks import get_task
+    from rayft.tasks.common import pad_multiple
 
     task = get_task(cfg.task)
     train = rayft_train_split(cfg) if train is None else train
@@ -573,7 +574,7 @@ def rayft_batches(
     for batch in batches:
         for name in ("_pad", "_source", "_line", "_slice"):
             batch.pop(name, None)
-        yield task.collate(batch, pad_id)
+        yield task.collate(batch, pad_id, pad_multiple("cpu"))  # as a CPU worker pads
 
 
 def arrow_block_batches(train: Any, size: int) -> Iterator[dict[str, Any]]:

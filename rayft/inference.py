@@ -107,6 +107,7 @@ class Predictor:
         import torch
 
         from rayft.modeling import load_tokenizer
+        from rayft.tasks.common import pad_multiple
 
         self.cfg = RayftConfig.model_validate_json(cfg_json)
         self.task = get_task(self.cfg.task)
@@ -114,6 +115,7 @@ class Predictor:
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.tokenizer = load_tokenizer(self.cfg)
         self.device = torch.device("cuda" if gpu else "cpu")
+        self.pad_multiple = pad_multiple(self.device)
         self.model = self.task.auto_class().from_pretrained(
             self.cfg.model.name_or_path, trust_remote_code=self.cfg.model.trust_remote_code
         )
@@ -204,7 +206,7 @@ class Predictor:
         references: list[Any] = []
         for start in range(0, len(features["input_ids"]), self.batch_size):
             chunk = {k: v[start : start + self.batch_size] for k, v in features.items()}
-            collated = task.collate(chunk, self.tokenizer.pad_token_id)
+            collated = task.collate(chunk, self.tokenizer.pad_token_id, self.pad_multiple)
             inputs = {k: v.to(self.device) for k, v in collated.items()}
             with torch.no_grad():  # "_" keys are for `predict`, not the model (as in training)
                 outputs = self.model(**{k: v for k, v in inputs.items() if not k.startswith("_")})

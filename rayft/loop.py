@@ -32,6 +32,7 @@ from rayft.engine import initialize, zero3_init_context
 from rayft.evaluate import add_within_forgetting, slice_metrics
 from rayft.modeling import build_model, load_tokenizer
 from rayft.tasks import Task, get_task
+from rayft.tasks.common import pad_multiple
 from rayft.timing import Timings
 
 HISTORY_FILE = "history.jsonl"
@@ -146,6 +147,7 @@ def evaluate(
     (ZeRO-3 gathers weights collectively), padding rows are left out of every figure.
     With ``rows_out``, rank 0 also receives every row's prediction and reference."""
     engine.eval()
+    multiple = pad_multiple(engine.device)
     preds: list[Any] = []
     refs: list[Any] = []
     where: list[tuple[str, int]] = []
@@ -163,7 +165,7 @@ def evaluate(
                 batch = {k: v[real] for k, v in batch.items()}
             sources, lines = batch.pop("_source"), batch.pop("_line")
             slices = batch.pop("_slice")  # eval.slice_column's value, or None
-            inputs = _to_device(task.collate(batch, pad_id), engine.device)
+            inputs = _to_device(task.collate(batch, pad_id, multiple), engine.device)
             outputs = engine(**model_inputs(inputs))
             if not real.any():
                 continue  # a forward only to keep ranks in step
@@ -491,6 +493,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             data_seconds = saved["data_seconds"]
             tokens = saved.get("tokens", 0)
         engine.train()
+        multiple = pad_multiple(engine.device)
         for epoch in range(start_epoch, phase.epochs):
             micro_done = 0
             epoch_seed = t.seed + 7919 * epoch + 104729 * phase_index + rank
@@ -524,7 +527,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     micro_done + 1 == plan.micro_per_epoch
                 )
                 engine.set_gradient_accumulation_boundary(boundary)
-                inputs = _to_device(task.collate(batch, pad_id), engine.device)
+                inputs = _to_device(task.collate(batch, pad_id, multiple), engine.device)
                 outputs = engine(**model_inputs(inputs))
                 engine.backward(outputs.loss)
                 engine.step()

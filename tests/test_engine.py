@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from rayft.config import validate_config
@@ -125,3 +126,37 @@ def test_length_grouping_keeps_every_row_and_the_batch_count():
     # Equal-length rows arrive from Ray as one 2-D array; they regroup too.
     square = {"input_ids": np.ones((8, 5), dtype=np.int32), "labels": np.arange(8)}
     assert len(list(length_grouped(iter([square, batches[0]]), 2, rng))) == 2
+
+
+@pytest.mark.parametrize("device, width", [("cpu", 5), ("cuda", 8)])
+def test_every_task_pads_to_the_longest_row_on_cpu_and_to_multiples_of_8_on_gpu(device, width):
+    """On a CPU a batch is as wide as its longest row (rounding up only adds work there);
+    on a GPU it rounds up to 8. Every padded tensor of a batch shares that width."""
+    from rayft.tasks import causal_lm, classification, question_answering, token_classification
+    from rayft.tasks.common import pad_multiple
+
+    def ragged(*rows: list[int]) -> np.ndarray:
+        out = np.empty(len(rows), dtype=object)
+        out[:] = [np.array(r, dtype=np.int64) for r in rows]
+        return out
+
+    ids = ragged([101, 7, 8, 9, 102], [101, 7, 102])
+    features = {
+        classification: {"input_ids": ids, "token_type_ids": ragged([0] * 5, [0] * 3),
+                         "labels": np.array([0, 1])},
+        question_answering: {"input_ids": ids, "token_type_ids": ragged([0] * 5, [0] * 3),
+                             "offset_start": ragged([0] * 5, [0] * 3),
+                             "offset_end": ragged([1] * 5, [1] * 3),
+                             "start_positions": np.array([1, 1]),
+                             "end_positions": np.array([2, 1])},
+        token_classification: {"input_ids": ids, "word_pos": ragged([0, 1, 2, 3, 0], [0, 1, 0]),
+                               "labels": ragged([-100, 1, 2, 0, -100], [-100, 1, -100])},
+        causal_lm: {"input_ids": ids, "labels": ragged([-100, 7, 8, 9, 102], [-100, 7, 102]),
+                    "position_ids": ragged(list(range(5)), list(range(3)))},
+    }  # fmt: skip
+    multiple = pad_multiple(torch.device(device))
+    for task, batch in features.items():
+        out = task.collate(batch, 0, multiple)
+        padded = {k: v.shape for k, v in out.items() if v.ndim == 2}
+        assert padded and {shape[1] for shape in padded.values()} == {width}, (task, padded)
+        assert int(out["attention_mask"].sum()) == 8, task  # 5 + 3 real tokens

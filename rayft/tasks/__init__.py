@@ -27,8 +27,9 @@ class Task:
     label_field: str | None
     # batch of kept rows (numpy) -> model features (ragged arrays allowed)
     tokenize: Callable[[dict[str, np.ndarray], Any, RayftConfig, dict[str, int]], dict[str, Any]]
-    # batch of features (numpy) -> tensors for the model, padded to the batch's longest row
-    collate: Callable[[dict[str, np.ndarray], int], dict[str, Any]]
+    # (batch of features (numpy), pad id, multiple) -> tensors for the model, padded to the
+    # batch's longest row rounded up to the multiple (`common.pad_multiple` of the device)
+    collate: Callable[[dict[str, np.ndarray], int, int], dict[str, Any]]
     # transformers Auto* class (imported lazily) and its from_pretrained/config kwargs
     auto_class: Callable[[], Any]
     model_kwargs: Callable[[list[str]], dict[str, Any]]

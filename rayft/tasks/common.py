@@ -8,7 +8,14 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # label of positions the loss skips (transformers' convention)
-PAD_MULTIPLE = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile for
+PAD_MULTIPLE = 8  # tensor-core friendly shapes on GPUs, and fewer distinct shapes to compile
+
+
+def pad_multiple(device: torch.device | str) -> int:
+    """What padded lengths round up to on ``device``: `PAD_MULTIPLE` on GPUs; on CPUs the
+    longest row, since rounding up there only adds work (7.7% more positions on SST-2
+    sentences at batch 32; benchmarks/RESULTS.md, Overhead)."""
+    return PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
 
 
 def canonical_label(value: Any) -> str | None:
