@@ -503,7 +503,7 @@ def run_plain(
         batches = from_rows()
     else:
         batches = rayft_batches(cfg, tokenizer.pad_token_id, **ray_data)
-    step_seconds, tokens, steady_from = [], 0, time.time()
+    step_seconds, tokens, positions, steady_from = [], 0, 0, time.time()
     for step in range(steps):
         if step == warmup:
             steady_from = time.time()
@@ -522,13 +522,14 @@ def run_plain(
             optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - tick)
         tokens += int(batch["attention_mask"].sum())
+        positions += batch["input_ids"].numel()  # padding included: the work done
     steady_until = time.time()
     if engine == "deepspeed":
         ds.destroy()
         if own_group:
             torch.distributed.destroy_process_group()
     done = {"startup_seconds": startup, "steps": steps, "tokens": tokens,
-            "step_seconds": step_seconds, "steady_from": steady_from,
+            "positions": positions, "step_seconds": step_seconds, "steady_from": steady_from,
             "steady_until": steady_until}  # fmt: skip
     del model
     gc.collect()
@@ -653,6 +654,9 @@ def main() -> None:
     data_stage_cold = time.time() - started
     rows = plain_rows(cfg)
     ingested = ingest(cfg)
+    # The padded batch shapes a CPU worker trains on (its collate), to check against the
+    # plain loop's: equal real tokens alone would not show a difference in padding.
+    rayft_positions = sum(batch["input_ids"].numel() for batch in rayft_batches(cfg, 0))
     print(f"ray start {ray_start:.1f}s, data stage (cold) {data_stage_cold:.1f}s, "
           f"{len(rows)} rows, worker torch threads {threads}, ingest "
           f"{ingested['rows_per_second']:.0f} rows/s", flush=True)  # fmt: skip
@@ -743,6 +747,8 @@ def main() -> None:
         "ingest_vs_consumption_ratio": ingested["rows_per_second"] / consumption,
     }
     tokens_equal = all(rep["rayft"]["train_tokens"] == rep["plain"]["tokens"] for rep in repeats)
+    shapes_equal = all(rep[side]["positions"] == rayft_positions
+                       for rep in repeats for side in ("plain", "plain_beside_ray"))  # fmt: skip
     result = {
         **environment(),
         "setup": {
@@ -759,6 +765,8 @@ def main() -> None:
             "torch_threads": threads,
             "warmup_steps": args.warmup_steps,
             "same_tokens_both_sides": tokens_equal,
+            "same_padded_positions_both_sides": shapes_equal,
+            "rayft_padded_positions": rayft_positions,
             "ray_dashboard": not args.no_dashboard,
             "worker_niceness": os.environ.get(WORKER_NICENESS_ENV),
         },  # fmt: skip
@@ -783,7 +791,8 @@ def main() -> None:
           f"{summary['helper_cpu_share_plain_steady']:.1%} (beside Ray "
           f"{summary['helper_cpu_share_plain_beside_ray_steady']:.1%}) | |")  # fmt: skip
     print(f"\nRay start {summary['ray_start_seconds']:.1f} s (median), cold data stage "
-          f"{data_stage_cold:.1f} s; same tokens on both sides: {tokens_equal}; {path}")  # fmt: skip
+          f"{data_stage_cold:.1f} s; same tokens on both sides: {tokens_equal}, same padded "
+          f"shapes: {shapes_equal}; {path}")  # fmt: skip
 
 
 if __name__ == "__main__":
