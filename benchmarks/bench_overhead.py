@@ -313,6 +313,34 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def ab_parser(doc: str, name: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the two-sided step benchmarks (bench_padding, bench_compile): the
+    SST-2 rows and batches of this benchmark's job, the warm-up, repeats and results name."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1280, help="SST-2 train rows")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--name", default=name, help="results/<name>.json")
+    return parser
+
+
+def ab_setup(args: argparse.Namespace, batches: int, **more: Any) -> dict[str, Any]:
+    """The `setup` of a two-sided step benchmark's results file."""
+    return {"model": MINILM, "rows": args.rows, "batch_size": args.batch_size,
+            "max_seq_len": args.max_seq_len, "batches": batches,
+            "warmup_steps": args.warmup_steps, "repeats": args.repeats, "torch_threads": 2,
+            **more}  # fmt: skip
+
+
+def alternating(sides: list[str], repeats: int) -> Iterator[tuple[int, str]]:
+    """(repeat, side) with the order of the sides reversed every other repeat."""
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            yield repeat, side
+
+
 def helper_share(roles: dict[str, dict[str, float]], training: str) -> float:
     """The machine's share that went to this benchmark's own processes other than the
     one training (``training``: the role of the process running the steps)."""

@@ -14,7 +14,6 @@ the steady step time is the mean after the warm-up steps.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,6 +22,9 @@ from typing import Any
 
 from bench_overhead import (
     MINILM,
+    ab_parser,
+    ab_setup,
+    alternating,
     deepspeed_alone,
     environment,
     median,
@@ -69,14 +71,8 @@ def steady_step_seconds(cfg: Any, batches: list[dict[str, Any]], warmup: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1280, help="SST-2 train rows")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser = ab_parser(__doc__, "padding", repeats=3)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--name", default="padding", help="results/<name>.json")
     args = parser.parse_args()
 
     import ray
@@ -108,11 +104,9 @@ def main() -> None:
     print(f"{len(raw_batches)} batches, padded positions {positions}", flush=True)
 
     seconds: dict[str, list[float]] = {side: [] for side in sides}
-    for repeat in range(args.repeats):
-        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
-        for side in order:
-            seconds[side].append(steady_step_seconds(cfg, batches[side], args.warmup_steps))
-            print(f"repeat {repeat + 1} {side}: {seconds[side][-1]:.3f} s/step", flush=True)
+    for repeat, side in alternating(list(sides), args.repeats):
+        seconds[side].append(steady_step_seconds(cfg, batches[side], args.warmup_steps))
+        print(f"repeat {repeat + 1} {side}: {seconds[side][-1]:.3f} s/step", flush=True)
     torch.distributed.destroy_process_group()
     ratios = [
         eight / longest
@@ -129,17 +123,7 @@ def main() -> None:
         args.name,
         {
             **environment(),
-            "setup": {
-                "model": MINILM,
-                "rows": args.rows,
-                "batch_size": args.batch_size,
-                "max_seq_len": args.max_seq_len,
-                "batches": len(raw_batches),
-                "warmup_steps": args.warmup_steps,
-                "repeats": args.repeats,
-                "torch_threads": 2,
-                "padded_positions": positions,
-            },
+            "setup": ab_setup(args, len(raw_batches), padded_positions=positions),
             "seconds": seconds,
             "summary": summary,
         },
