@@ -16,7 +16,6 @@ steps.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from bench_overhead import (
     alternating,
     environment,
     median,
-    sst2_subset,
+    sst2_sentences,
     write_result,
 )
 
@@ -39,8 +38,7 @@ def sst2_batches(rows: int, batch_size: int, max_seq_len: int) -> list[dict[str,
     from rayft.config import resolve_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(MINILM))
-    with open(sst2_subset(rows, tempfile.mkdtemp(prefix="rayft-bench-compile-"))) as handle:
-        _, *lines = handle.read().splitlines()
+    _, lines = sst2_sentences(rows)
     texts = [line.split("\t")[0] for line in lines]
     labels = [int(line.split("\t")[1]) for line in lines]
     batches = []

@@ -55,6 +55,7 @@ def perplexity(model_dir: str, cfg, rows: list[dict]) -> tuple[float, int]:
 
     from rayft.modeling import load_tokenizer
     from rayft.tasks import causal_lm as lm
+    from rayft.tasks.common import pad_multiple
 
     tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -62,7 +63,8 @@ def perplexity(model_dir: str, cfg, rows: list[dict]) -> tuple[float, int]:
     total, tokens = 0.0, 0
     for i in range(0, len(rows), 16):
         batch = {"messages": np.array([r["messages"] for r in rows[i : i + 16]], dtype=object)}
-        inputs = lm.collate(lm.tokenize(batch, tokenizer, unpacked, {}), tokenizer.pad_token_id)
+        features = lm.tokenize(batch, tokenizer, unpacked, {})
+        inputs = lm.collate(features, tokenizer.pad_token_id, pad_multiple("cpu"))
         with torch.no_grad():
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]

@@ -41,14 +41,20 @@ RUN_DATE = "2026-11-22"
 # ------------------------------------------------- shared by the benchmarks of this folder
 
 
-def sst2_subset(rows: int, out: str, *, min_words: int = 10) -> str:
-    """The first ``rows`` sentence-length rows (>= ``min_words`` words, like dev.tsv's full
-    sentences; train.tsv is mostly phrases) of SST-2's train.tsv, as a TSV in ``out``."""
+def sst2_sentences(rows: int, *, min_words: int = 10) -> tuple[str, list[str]]:
+    """The header and the first ``rows`` sentence-length lines (>= ``min_words`` words,
+    like dev.tsv's full sentences; train.tsv is mostly phrases) of SST-2's train.tsv."""
     with open(os.path.join(SST2, "train.tsv")) as handle:
         header, *lines = handle.read().splitlines()
     kept = [line for line in lines if len(line.split("\t")[0].split()) >= min_words][:rows]
     if len(kept) < rows:
         raise ValueError(f"train.tsv has only {len(kept)} rows of >= {min_words} words")
+    return header, kept
+
+
+def sst2_subset(rows: int, out: str, *, min_words: int = 10) -> str:
+    """`sst2_sentences` as a TSV in ``out``."""
+    header, kept = sst2_sentences(rows, min_words=min_words)
     path = os.path.join(out, f"sst2-train-{rows}.tsv")
     with open(path, "w") as handle:
         handle.write("\n".join([header, *kept]) + "\n")
@@ -583,15 +589,26 @@ def rayft_train_split(cfg: Any) -> Any:
 def rayft_batches(
     cfg: Any, pad_id: int, train: Any = None, *, prefetch: int = 2, blocks: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """rayft's train batches: its split (``train``, else `rayft_train_split`) read as
-    `loop.py` reads its shard (`iter_batches`, numpy, ``prefetch`` batches prefetched) and
-    collated by the task. ``blocks``: the split's Arrow blocks fetched from the object
-    store one by one in this thread and cut into the same batches, with no Ray Data
-    iterator (no executor or prefetch threads)."""
+    """rayft's train batches (`rayft_features`) collated by the task as a CPU worker
+    collates them."""
     from rayft.tasks import get_task
     from rayft.tasks.common import pad_multiple
 
     task = get_task(cfg.task)
+    for batch in rayft_features(cfg, train, prefetch=prefetch, blocks=blocks):
+        yield task.collate(batch, pad_id, pad_multiple("cpu"))
+
+
+def rayft_features(
+    cfg: Any, train: Any = None, *, prefetch: int = 2, blocks: bool = False
+) -> Iterator[dict[str, Any]]:
+    """rayft's train batches before collation: its split (``train``, else
+    `rayft_train_split`) read as `loop.py` reads its shard (`iter_batches`, numpy,
+    ``prefetch`` batches prefetched), the provenance columns dropped. ``blocks``: the
+    split's Arrow blocks fetched from the object store one by one in this thread and cut
+    into the same batches, with no Ray Data iterator (no executor or prefetch threads)."""
+    from rayft.data.features import PROVENANCE
+
     train = rayft_train_split(cfg) if train is None else train
     size = cfg.train.batch_size
     if blocks:
@@ -601,9 +618,9 @@ def rayft_batches(
             batch_size=size, batch_format="numpy", prefetch_batches=prefetch
         )
     for batch in batches:
-        for name in ("_pad", "_source", "_line", "_slice"):
+        for name in PROVENANCE:
             batch.pop(name, None)
-        yield task.collate(batch, pad_id, pad_multiple("cpu"))  # as a CPU worker pads
+        yield batch
 
 
 def arrow_block_batches(train: Any, size: int) -> Iterator[dict[str, Any]]:
@@ -627,20 +644,23 @@ def arrow_block_batches(train: Any, size: int) -> Iterator[dict[str, Any]]:
 
 
 def ingest(cfg: Any) -> dict[str, Any]:
-    """Rows/s of rayft's training data path alone (`rayft_batches`), with no training."""
+    """Rows/s of rayft's training data path alone (`rayft_batches`), with no training, and
+    the positions of its padded batches (padding included)."""
     built = time.perf_counter()
     train = rayft_train_split(cfg)
     built = time.perf_counter() - built
-    rows, first = 0, None
+    rows, positions, first = 0, 0, None
     started = time.perf_counter()
     for batch in rayft_batches(cfg, 0, train):
         rows += len(batch["input_ids"])
+        positions += batch["input_ids"].numel()
         if first is None:
             first = time.perf_counter() - started
     seconds = time.perf_counter() - started
     batch_size = cfg.train.batch_size
     return {
         "rows": rows,
+        "positions": positions,
         "build_seconds": built,
         "first_batch_seconds": first,
         "seconds": seconds,
@@ -684,7 +704,7 @@ def main() -> None:
     ingested = ingest(cfg)
     # The padded batch shapes a CPU worker trains on (its collate), to check against the
     # plain loop's: equal real tokens alone would not show a difference in padding.
-    rayft_positions = sum(batch["input_ids"].numel() for batch in rayft_batches(cfg, 0))
+    rayft_positions = ingested["positions"]
     print(f"ray start {ray_start:.1f}s, data stage (cold) {data_stage_cold:.1f}s, "
           f"{len(rows)} rows, worker torch threads {threads}, ingest "
           f"{ingested['rows_per_second']:.0f} rows/s", flush=True)  # fmt: skip

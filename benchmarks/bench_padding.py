@@ -29,23 +29,12 @@ from bench_overhead import (
     environment,
     median,
     rayft_config,
-    rayft_train_split,
+    rayft_features,
     sst2_dev_subset,
     sst2_subset,
     start_ray,
     write_result,
 )
-
-
-def split_batches(cfg: Any) -> list[dict[str, Any]]:
-    """rayft's train batches before collation, in the order its only worker reads them."""
-    train = rayft_train_split(cfg)
-    raw = []
-    for batch in train.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
-        for name in ("_pad", "_source", "_line", "_slice"):
-            batch.pop(name, None)
-        raw.append(batch)
-    return raw
 
 
 def steady_step_seconds(cfg: Any, batches: list[dict[str, Any]], warmup: int) -> float:
@@ -87,7 +76,7 @@ def main() -> None:
     )
     cfg = resolve_paths(validate_config(raw))
     start_ray(4)
-    raw_batches = split_batches(cfg)
+    raw_batches = list(rayft_features(cfg))
     ray.shutdown()  # no Ray beside the loop: the two sides differ only in padding
     torch.set_num_threads(2)
     task = get_task(cfg.task)

@@ -28,6 +28,7 @@ from rayft import forgetting as forgetting_mod
 from rayft import methods, resilience
 from rayft.config import RayftConfig, baselines
 from rayft.console import say
+from rayft.data.features import PROVENANCE
 from rayft.engine import initialize, zero3_init_context
 from rayft.evaluate import add_within_forgetting, slice_metrics
 from rayft.modeling import build_model, load_tokenizer
@@ -518,7 +519,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     continue
                 if ledger is not None:  # the step this micro-batch's gradient goes into
                     ledger.add(step + 1, phase_index, epoch, batch)
-                for name in ("_pad", "_source", "_line", "_slice"):
+                for name in PROVENANCE:
                     batch.pop(name)
                 rows = len(batch["input_ids"])
                 # Close the accumulation at the epoch's last micro-batch too, so epochs

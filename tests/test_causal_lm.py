@@ -15,6 +15,7 @@ import torch
 
 from rayft.config import ConfigError, validate_config
 from rayft.tasks import causal_lm as lm
+from rayft.tasks.common import pad_multiple
 from tests.conftest import SHARED_DATA
 from tests.fixtures.models import CHAT_TEMPLATE, tiny_decoder, word_tokenizer
 
@@ -152,7 +153,7 @@ def test_packed_examples_score_as_if_alone(tmp_path, arch):
     def losses(packing: bool) -> tuple[float, int, int]:
         cfg = cfg_for(path, packing=packing)
         features = lm.tokenize(batch, tokenizer, cfg, {})
-        inputs = lm.collate(features, tokenizer.pad_token_id)
+        inputs = lm.collate(features, tokenizer.pad_token_id, pad_multiple("cpu"))
         with torch.no_grad():
             model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             logits = model(**model_inputs, use_cache=False).logits  # as rayft's config sets

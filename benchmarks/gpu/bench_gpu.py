@@ -402,6 +402,7 @@ def dolly_batches(args: argparse.Namespace, batch_size: int) -> list[dict[str, A
     from rayft.config import resolve_paths
     from rayft.data.prepare import check_sources, prepare, prepared_root
     from rayft.tasks import causal_lm
+    from rayft.tasks.common import pad_multiple
 
     cfg = resolve_paths(rayft_config(args, tokenizer_dir(args), output_dir=os.path.join(
         args.work, "windows"), train__max_seq_len=args.seq))  # fmt: skip
@@ -417,7 +418,8 @@ def dolly_batches(args: argparse.Namespace, batch_size: int) -> list[dict[str, A
             ("input_ids", "labels", "position_ids")}  # fmt: skip
     batches, args.real_tokens = [], []
     for i in range(0, table.num_rows - batch_size + 1, batch_size):
-        batches.append(causal_lm.collate({k: v[i : i + batch_size] for k, v in rows.items()}, 0))
+        chunk = {k: v[i : i + batch_size] for k, v in rows.items()}
+        batches.append(causal_lm.collate(chunk, 0, pad_multiple("cuda")))
         args.real_tokens.append(sum(len(x) for x in rows["input_ids"][i : i + batch_size]))
     return batches
 

@@ -21,7 +21,7 @@ import torch
 
 from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import IGNORE_INDEX, PAD_MULTIPLE, pad_sequences
+from rayft.tasks.common import IGNORE_INDEX, pad_sequences
 
 ALPACA = (
     "Below is an instruction that describes a task{with_input}. Write a response that "
@@ -232,9 +232,7 @@ def tokenize(
     return out
 
 
-def collate(
-    batch: dict[str, np.ndarray], pad_id: int, multiple: int = PAD_MULTIPLE
-) -> dict[str, torch.Tensor]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
     """Padded on the right. Packed sequences (positions restart inside a row) go without
     an attention mask, their padding being one more sequence of its own that no target
     reads; unpacked ones get the usual mask."""

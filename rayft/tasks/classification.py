@@ -11,7 +11,7 @@ import torch
 from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.evaluate import majority_baseline
 from rayft.tasks import Task
-from rayft.tasks.common import PAD_MULTIPLE, canonical_label, label_head_kwargs, pad_sequences
+from rayft.tasks.common import canonical_label, label_head_kwargs, pad_sequences
 
 
 def extract_inputs(record: dict[str, Any], data: DataConfig) -> tuple[dict | None, str | None]:
@@ -65,9 +65,7 @@ def tokenize(
     return out
 
 
-def collate(
-    batch: dict[str, np.ndarray], pad_id: int, multiple: int = PAD_MULTIPLE
-) -> dict[str, torch.Tensor]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id, multiple)
     out = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "labels" in batch:

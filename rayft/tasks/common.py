@@ -49,10 +49,11 @@ def label_head_kwargs(labels: list[str]) -> dict[str, Any]:
 
 
 def pad_sequences(
-    seqs: np.ndarray | list, pad_value: int, multiple: int = PAD_MULTIPLE
+    seqs: np.ndarray | list, pad_value: int, multiple: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged int sequences -> (padded [n, L], attention mask [n, L]); L is the longest
-    row rounded up to ``multiple`` (dynamic padding: short batches stay short)."""
+    row rounded up to ``multiple`` (dynamic padding: short batches stay short), which the
+    caller takes from its device (`pad_multiple`)."""
     lengths = [len(s) for s in seqs]
     width = max(lengths, default=1)
     width = -(-width // multiple) * multiple

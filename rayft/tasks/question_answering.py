@@ -22,7 +22,7 @@ import torch
 
 from rayft.config import DataConfig, RayftConfig, doc_stride, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import PAD_MULTIPLE, pad_sequences
+from rayft.tasks.common import pad_sequences
 
 NO_OFFSET = -1  # offset of a token outside the context (question, special, padding)
 
@@ -164,9 +164,7 @@ def token_span(starts: np.ndarray, ends: np.ndarray, begin: int, end: int) -> tu
     return int(first), int(last)
 
 
-def collate(
-    batch: dict[str, np.ndarray], pad_id: int, multiple: int = PAD_MULTIPLE
-) -> dict[str, torch.Tensor]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id, multiple)
     offset_start, _ = pad_sequences(batch["offset_start"], NO_OFFSET, multiple)
     offset_end, _ = pad_sequences(batch["offset_end"], NO_OFFSET, multiple)

@@ -16,7 +16,7 @@ import torch
 
 from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
-from rayft.tasks.common import IGNORE_INDEX, PAD_MULTIPLE, label_head_kwargs, pad_sequences
+from rayft.tasks.common import IGNORE_INDEX, label_head_kwargs, pad_sequences
 from rayft.tasks.entities import check_tags, entity_scores, spans
 
 
@@ -96,9 +96,7 @@ def tokenize(
     return out
 
 
-def collate(
-    batch: dict[str, np.ndarray], pad_id: int, multiple: int = PAD_MULTIPLE
-) -> dict[str, torch.Tensor]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id, multiple)
     word_pos, _ = pad_sequences(batch["word_pos"], 0, multiple)
     # Keys starting with "_" are for `predict`, not the model.
