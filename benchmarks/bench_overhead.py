@@ -356,14 +356,16 @@ def helper_share(roles: dict[str, dict[str, float]], training: str) -> float:
 # ------------------------------------------------------------------------ this benchmark
 
 
-def rayft_config(args: argparse.Namespace, train: str, eval_: str, out: str) -> dict[str, Any]:
+def rayft_config(
+    args: argparse.Namespace, train: str, eval_: str, out: str, *, cpus: int = 2
+) -> dict[str, Any]:
     return quiet_run_config({
         "task": "sequence_classification", "method": "full", "output_dir": out,
         "model": {"name_or_path": MINILM},
         "data": {"train": train, "eval": eval_, "text_column": "sentence",
                  "label_column": "label", "dedup": {"near": False},
                  "shuffle_buffer_rows": 0, "cache_dir": os.path.join(args.work, "cache")},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
         "deepspeed": {"stage": 0, "precision": "fp32"},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 2e-5,
                   "max_seq_len": args.max_seq_len, "group_by_length": 0,
@@ -371,12 +373,12 @@ def rayft_config(args: argparse.Namespace, train: str, eval_: str, out: str) -> 
     })  # fmt: skip
 
 
-def worker_threads() -> dict[str, Any]:
-    """What torch inside a Ray actor holding 2 CPUs (as a Train worker with
-    cpus_per_worker 2 does) sees: Ray sets OMP_NUM_THREADS from the CPUs it reserves."""
+def worker_threads(cpus: int = 2) -> dict[str, Any]:
+    """What torch inside a Ray actor holding ``cpus`` CPUs (as a Train worker with that
+    cpus_per_worker does) sees: Ray sets OMP_NUM_THREADS from the CPUs it reserves."""
     import ray
 
-    @ray.remote(num_cpus=2)
+    @ray.remote(num_cpus=cpus)
     class Probe:
         def threads(self) -> dict[str, Any]:
             import torch
@@ -682,6 +684,9 @@ def main() -> None:
     parser.add_argument(
         "--no-dashboard", action="store_true", help="a local Ray without its dashboard processes"
     )
+    parser.add_argument(
+        "--cpus", type=int, default=2, help="the worker's CPUs, and the plain loop's torch threads"
+    )
     parser.add_argument("--name", default="overhead", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     args.work, timeline = prepare_run(args.work, "overhead")
@@ -692,11 +697,11 @@ def main() -> None:
 
     train = sst2_subset(args.rows, args.work)
     eval_ = sst2_dev_subset(args.eval_rows, args.work)
-    base = rayft_config(args, train, eval_, os.path.join(args.work, "run"))
+    base = rayft_config(args, train, eval_, os.path.join(args.work, "run"), cpus=args.cpus)
     cfg = resolve_paths(validate_config(base))
-    # init_ray's count: the worker's 2 CPUs + 2 for data.
-    ray_start = start_ray(2 + 2, include_dashboard=False if args.no_dashboard else None)
-    threads = worker_threads()
+    # init_ray's count: the worker's CPUs + 2 for data.
+    ray_start = start_ray(args.cpus + 2, include_dashboard=False if args.no_dashboard else None)
+    threads = worker_threads(args.cpus)
     started = time.time()
     prepare(cfg, check_sources(cfg), outputs=False)  # cold: the runs below reuse the shards
     data_stage_cold = time.time() - started
@@ -725,7 +730,7 @@ def main() -> None:
             if side == "plain" and ray.is_initialized():
                 ray.shutdown()
             elif side != "plain" and not ray.is_initialized():
-                ray_starts.append(start_ray(2 + 2, include_dashboard=dashboard))
+                ray_starts.append(start_ray(args.cpus + 2, include_dashboard=dashboard))
             if side == "rayft":
                 raw = json.loads(json.dumps(base))
                 raw["output_dir"] = os.path.join(args.work, f"run-{r}")
@@ -806,7 +811,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "max_seq_len": args.max_seq_len,
             "lr": 2e-5,
-            "rayft": "1 worker x 2 CPUs, ZeRO stage 0, no shuffle, group_by_length 0",
+            "rayft": f"1 worker x {args.cpus} CPUs, ZeRO stage 0, no shuffle, group_by_length 0",
             "plain": "this process with no Ray running, torch.optim.AdamW, same schedule "
             "and clipping",
             "plain_beside_ray": "the same beside the benchmark's local Ray, left idle",

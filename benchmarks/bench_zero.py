@@ -14,6 +14,12 @@ workers: stage 0 4+4+8, stage 1 4+4+8/N, stage 2 4+(4+8)/N, stage 3 16/N) and be
 `rayft.plan`'s estimate (which adds DeepSpeed's fp32 master copy and its buffers).
 
     python benchmarks/bench_zero.py --steps 24 --eval-every 8 --repeats 2
+
+With ``--workers 1`` it measures what each stage costs a run of one worker, which ZeRO
+has nothing to partition for (why `deepspeed.stage: auto` runs stage 0 there):
+
+    python benchmarks/bench_zero.py --workers 1 --steps 24 --eval-every 8 --repeats 2 \
+        --name zero_1worker
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="throughput runs per stage")
     parser.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--name", default="zero", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     args.work, _ = prepare_run(args.work, "zero")
     rows = args.steps * args.batch_size * args.workers
@@ -191,7 +198,7 @@ def main() -> None:
         "memory": {str(s): m for s, m in mem.items()},
         "throughput_runs": {str(s): x for s, x in runs.items()},
     }
-    path = write_result("zero", result)
+    path = write_result(args.name, result)
     print("\n| stage | samples/s | vs stage 0 | peak MiB/worker | model states B/param "
           "| ZeRO formula | measured/formula | rayft.plan states+buffers |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")

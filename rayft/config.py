@@ -324,7 +324,12 @@ class ScalingSection(_Section):
 
 
 class DeepSpeedSection(_Section):
-    stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (DDP-like), 1, 2 or 3.")
+    stage: int | Literal["auto"] = Field(
+        "auto",
+        description="ZeRO stage: 0 (DDP-like), 1, 2 or 3. `auto`: 0 for a run of one worker "
+        "(ZeRO partitions states across workers: alone, stages 1-3 save no memory and cost "
+        "time), else 2; 2 with `offload_optimizer`, 3 with `offload_param`.",
+    )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer states on CPU (ZeRO-Offload; stages 1-3)."
     )
@@ -337,6 +342,13 @@ class DeepSpeedSection(_Section):
         description="Raw DeepSpeed config entries merged over the generated config "
         "(expert escape hatch, e.g. `{zero_optimization: {reduce_bucket_size: 5.0e+7}}`).",
     )
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 0 <= value <= 3):
+            return value
+        raise ValueError("should be 0, 1, 2, 3 or auto")
 
 
 class TrainSection(_Section):
@@ -659,7 +671,7 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
     """Rules that span fields; each message names the fields and the fix."""
     problems = []
     ds = cfg.deepspeed
-    if ds.offload_param and ds.stage != 3:
+    if ds.offload_param and ds.stage not in (3, "auto"):
         problems.append(
             f"deepspeed.offload_param needs deepspeed.stage=3 (got stage {ds.stage}); "
             "set deepspeed.stage=3 or deepspeed.offload_param=false"
@@ -739,6 +751,35 @@ def baselines(cfg: RayftConfig) -> list[str]:
     """The baselines this run computes: `eval.baselines`, or the task's defaults."""
     chosen = cfg.eval.baselines
     return list(chosen if chosen is not None else DEFAULT_BASELINES[cfg.task])
+
+
+def zero_stage(cfg: RayftConfig, world_size: int | None = None) -> int:
+    """The ZeRO stage the run's DeepSpeed engines use: `deepspeed.stage`, with `auto`
+    resolved for ``world_size`` workers (default `scaling.num_workers`)."""
+    ds = cfg.deepspeed
+    if ds.stage != "auto":
+        return ds.stage
+    if ds.offload_param:
+        return 3
+    world = cfg.scaling.num_workers if world_size is None else world_size
+    return 2 if ds.offload_optimizer or world > 1 else 0
+
+
+def single_worker_zero_note(cfg: RayftConfig) -> str | None:
+    """Advice to print before launch when one worker is given ZeRO stage 1-3 without an
+    offload: ZeRO divides states by the worker count, so alone it saves nothing and its
+    flat buffers, master copy and hooks cost time. None otherwise."""
+    ds = cfg.deepspeed
+    if cfg.scaling.num_workers > 1 or ds.stage in ("auto", 0):
+        return None
+    if ds.offload_optimizer or ds.offload_param:
+        return None
+    return (
+        f"deepspeed.stage={ds.stage} with one worker partitions nothing (ZeRO divides the "
+        "optimizer states, gradients and weights among workers) and slows every step "
+        "(see docs/performance.md); deepspeed.stage=auto runs stage 0 here and "
+        "stage 2 on more workers"
+    )
 
 
 def max_tokens(cfg: RayftConfig) -> int:

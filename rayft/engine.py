@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rayft.config import RayftConfig, deep_merge
+from rayft.config import RayftConfig, deep_merge, zero_stage
 from rayft.modeling import torch_dtype
 
 ADAM_BETAS = (0.9, 0.999)
@@ -19,14 +19,15 @@ def deepspeed_config(cfg: RayftConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for this run; `deepspeed.overrides` is merged over it last."""
     t, ds = cfg.train, cfg.deepspeed
     dtype = torch_dtype(cfg)
-    zero: dict[str, Any] = {"stage": ds.stage, "contiguous_gradients": True}
+    stage = zero_stage(cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True}
     if cfg.scaling.use_gpu:
         zero["overlap_comm"] = True
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
-    if ds.stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -111,7 +112,7 @@ def initialize(
         config=conf,
         dist_init_required=False,
     )
-    if world_size == 1 and cfg.deepspeed.stage == 0:
+    if world_size == 1 and zero_stage(cfg, world_size) == 0:
         # Alone, a rank's gradients are already the global ones: skip DeepSpeed's
         # flatten + all-reduce + copy-back of every gradient at each step.
         engine.enable_backward_allreduce = False
@@ -121,7 +122,7 @@ def initialize(
 def zero3_init_context(cfg: RayftConfig, world_size: int) -> Any:
     """Under ZeRO-3, build models already partitioned (transformers reads this object while
     it exists), so no rank ever holds a whole multi-billion-parameter model."""
-    if cfg.deepspeed.stage != 3:
+    if zero_stage(cfg, world_size) != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 

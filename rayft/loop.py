@@ -480,7 +480,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 f"phase '{phase.name}': {trainable:,} of {total:,} parameters train "
                 f"({100.0 * trainable / max(total, 1):.2f}%), lr {phase.lr:g}, "
                 f"{phase.epochs} epoch(s) x {plan.steps_per_epoch} steps, ZeRO stage "
-                f"{cfg.deepspeed.stage}, {world} worker(s)"
+                f"{engine.zero_optimization_stage()}, {world} worker(s)"
             )
         seed_everything(t.seed + 1000 * (rank + 1) + phase_index)
         if resume_dir is not None and phase_index == state["phase"]:
@@ -625,7 +625,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         **last_eval,
     }
     add_within_forgetting(metrics, cfg)
-    final_extra: dict[str, Any] = {}  # for metrics.json, not the history
+    # for metrics.json, not the history; the stage is what ran (`deepspeed.stage: auto`)
+    final_extra: dict[str, Any] = {"zero_stage": engine.zero_optimization_stage()}
     if forgetting is not None:
         final_extra["forgetting"] = {
             "measure": forgetting.measure,

@@ -34,7 +34,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rayft.config import ConfigError, RayftConfig
+from rayft.config import ConfigError, RayftConfig, zero_stage
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 UNITS = {
@@ -403,7 +403,7 @@ def resolved_precision(cfg: RayftConfig) -> str:
 def setting_of(cfg: RayftConfig) -> Setting:
     ds, t = cfg.deepspeed, cfg.train
     return Setting(
-        stage=ds.stage,
+        stage=zero_stage(cfg),
         offload_optimizer=ds.offload_optimizer,
         offload_param=ds.offload_param,
         gradient_checkpointing=cfg.model.gradient_checkpointing,

@@ -318,6 +318,8 @@ def _settings(run: _Run) -> list[str]:
             shown = "true" if value else "false"  # as written in the YAML
         else:
             shown = f"{value:g}" if isinstance(value, float) else _cell(value)
+        if key == "deepspeed.stage" and value == "auto" and "zero_stage" in run.metrics:
+            shown += f" (ran stage {run.metrics['zero_stage']})"
         rows.append([f"`{key}`", shown])
     sizes = [_get(run.config, k) for k in ("train.batch_size", "train.grad_accum")]
     sizes.append(_get(run.config, "scaling.num_workers"))

@@ -24,6 +24,7 @@ from rayft.config import (
     baselines,
     dump_config,
     resolve_paths,
+    single_worker_zero_note,
     validate_config,
 )
 from rayft.console import say
@@ -348,6 +349,8 @@ def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
     if warning := warn_if_unfit(cfg):
         say(warning)
+    if note := single_worker_zero_note(cfg):
+        say(f"NOTE: {note}")
     run_name = resumed_run_name(cfg) if resume else cfg.run_name or default_run_name(cfg)
     resume_from = resume_point(cfg, run_name, required=resume)
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -34,6 +34,7 @@ from rayft.config import (
     dump_config,
     load_config,
     resolve_paths,
+    single_worker_zero_note,
     validate_config,
 )
 from rayft.console import say
@@ -367,6 +368,8 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     files = check_sources(cfg)
     if warning := warn_if_unfit(cfg):
         say(warning)
+    if note := single_worker_zero_note(cfg):
+        say(f"NOTE: {note}")
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg, trials=t.max_concurrent_trials or 1, driver_cpus=DRIVER_CPUS)

@@ -17,7 +17,9 @@ from rayft.config import (
     parse_overrides,
     resolve_path,
     resolve_paths,
+    single_worker_zero_note,
     validate_config,
+    zero_stage,
 )
 from rayft.data.prepare import check_sources
 from tests.conftest import REPO
@@ -70,7 +72,7 @@ def test_every_problem_is_reported_at_once_with_field_paths_and_hints():
     )
     assert len(problems) == 3
     joined = "\n".join(problems)
-    assert "deepspeed.stage: Input should be less than or equal to 3, got 5" in joined
+    assert "deepspeed.stage: Value error, should be 0, 1, 2, 3 or auto, got 5" in joined
     assert "train.lr: Input should be a valid number" in joined and "'fast'" in joined
     assert "data.txt_column: unknown key; did you mean 'text_column'?" in joined
 
@@ -94,6 +96,30 @@ def test_cross_field_rules_name_the_fix():
     assert any("model.revision" in p for p in problems)
 
 
+@pytest.mark.parametrize(
+    "workers, deepspeed, stage",
+    [
+        (1, {}, 0),  # alone, ZeRO partitions nothing: stage 0
+        (2, {}, 2),
+        (1, {"offload_optimizer": True}, 2),  # offload needs a ZeRO optimizer
+        (1, {"offload_param": True}, 3),
+        (1, {"stage": 2}, 2),  # an explicit stage is kept, with a note before launch
+        (4, {"stage": 0}, 0),
+    ],
+)
+def test_auto_zero_stage_is_0_for_one_worker_and_2_for_several(workers, deepspeed, stage):
+    cfg = validate_config({**MINIMAL, "scaling": {"num_workers": workers}, "deepspeed": deepspeed})
+    assert zero_stage(cfg) == stage
+    note = single_worker_zero_note(cfg)
+    if workers == 1 and deepspeed == {"stage": 2}:
+        assert "deepspeed.stage=2 with one worker partitions nothing" in note
+        assert "deepspeed.stage=auto runs stage 0" in note
+    else:
+        assert note is None
+    # Workers' own count (a 1-rank engine in a test or benchmark) decides `auto` too.
+    assert zero_stage(cfg, world_size=3) == (0 if deepspeed == {"stage": 0} else max(stage, 2))
+
+
 def test_missing_required_keys_are_named():
     problems = problems_of({"data": {"eval": "x"}})
     assert "model: required key is missing" in problems
@@ -115,7 +141,7 @@ def test_overrides_are_parsed_as_yaml_and_merged(tmp_path):
     assert parse_overrides(["a.b.c=3"]) == {"a": {"b": {"c": 3}}}
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["train.lr"])
-    with pytest.raises(ConfigError, match="deepspeed.stage: Input should be less than"):
+    with pytest.raises(ConfigError, match="deepspeed.stage: Value error, should be 0, 1, 2, 3"):
         load_config(path, ["deepspeed.stage=7"])
 
 
@@ -158,7 +184,7 @@ def test_validate_command_reports_ok_and_errors(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**MINIMAL, "deepspeed": {"stage": 5}}))
     assert main(["validate", "--config", str(bad)]) == 2
-    assert "deepspeed.stage: Input should be less than or equal to 3" in capsys.readouterr().err
+    assert "deepspeed.stage: Value error, should be 0, 1, 2, 3 or auto" in capsys.readouterr().err
 
 
 def test_module_entry_point_fails_fast_before_ray(tmp_path):

@@ -57,13 +57,15 @@ def test_deepspeed_config_follows_ours():
     plain = deepspeed_config(cfg(deepspeed={"stage": 0}), world_size=1)
     assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"]
     merged = deepspeed_config(
-        cfg(deepspeed={"overrides": {"zero_optimization": {"reduce_bucket_size": 1000}}}), 1
+        cfg(deepspeed={"overrides": {"zero_optimization": {"reduce_bucket_size": 1000}}}), 2
     )
     assert merged["zero_optimization"] == {
         "stage": 2,
         "contiguous_gradients": True,
         "reduce_bucket_size": 1000,
     }
+    # `deepspeed.stage: auto` (the default) on one worker: stage 0, nothing to partition.
+    assert deepspeed_config(cfg(), world_size=1)["zero_optimization"]["stage"] == 0
 
 
 def test_majority_baseline_matches_sklearn():

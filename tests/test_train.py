@@ -144,7 +144,7 @@ def test_full_zero2_baselines_slices_report_and_tracking(
     assert timings["eval"] > 0 and timings["checkpoint"] > 0 and timings["launch"] > 0
     assert sum(timings.values()) <= metrics["wall_seconds"]
     # The resolved config is saved and is itself a valid config.
-    assert load_config(out / "config.yaml").deepspeed.stage == 2
+    assert load_config(out / "config.yaml").deepspeed.stage == 2 == metrics["zero_stage"]
 
     # Slices: the clean slice is learned, the planted one is wrong, the gap is flagged.
     slices = metrics["slices"]
@@ -284,7 +284,7 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     at a learning rate far too high: its general-text loss rises, the run is flagged and
     `rayft train` exits with 3; checkpoints within the limit rank first. One worker (both
     cores, the 2-worker global batch of 16), so it reads the splits in the object store
-    directly: no split coordinators run."""
+    directly (no split coordinators run) and `deepspeed.stage: auto` runs ZeRO stage 0."""
     from rayft.cli import main
 
     config = base_config(
@@ -292,9 +292,10 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         toy_data,
         tmp_path / "overtrained",
         scaling={"num_workers": 1, "cpus_per_worker": 2},
+        deepspeed={"stage": "auto"},
         train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
         checkpoint={"every_steps": 1, "keep": 20},
-        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
+        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.05,
               "baselines": ["pretrained"]},
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
@@ -307,17 +308,24 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     metrics = json.loads((out / "metrics.json").read_text())
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
-    assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
+    assert forgetting["ratio"] > 1.05 and forgetting["after"] > forgetting["before"]
     steps = history(out)
-    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.1
+    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.05
     # The selected checkpoint: the lowest eval loss among those within the limit (the
     # first steps still are), although the run ended over it.
-    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.1]
+    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.05]
     assert within, [(h["step"], h["forgetting_ratio"], h["eval_loss"]) for h in steps]
     selected = metrics["selected_checkpoint"]
     best = min(within, key=lambda h: h["eval_loss"])
     assert selected["step"] == best["step"] and selected["within_forgetting"] is True
-    assert "FLAGGED" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "FLAGGED" in report
+    # Alone, ZeRO partitions nothing: `auto` ran stage 0, whose checkpoints hold the whole
+    # optimizer in rank 0's file (no per-rank ZeRO optimizer shards).
+    assert metrics["zero_stage"] == 0 and "| `deepspeed.stage` | auto (ran stage 0) |" in report
+    kept = list((out / "ray").rglob("mp_rank_00_model_states.pt"))
+    shards = list((out / "ray").rglob("*optim_states.pt"))
+    assert kept and not shards, (kept, shards)
 
 
 def test_timings_merge_driver_and_worker_sections():

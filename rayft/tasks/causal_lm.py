@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig, max_tokens
+from rayft.config import DataConfig, RayftConfig, max_tokens, zero_stage
 from rayft.tasks import Task
 from rayft.tasks.common import IGNORE_INDEX, pad_sequences
 
@@ -373,7 +373,8 @@ def generate(engine: Any, prompts: list[dict], tokenizer: Any, cfg: RayftConfig)
 
     model = engine.module
     model.eval()
-    synced = cfg.deepspeed.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    synced = world > 1 and zero_stage(cfg, world) == 3
     answers = []
     for sample in prompts:
         input_ids = torch.tensor(
