@@ -14,6 +14,10 @@ its steady state. Runs alternate which side goes first; figures are medians of r
 
     python benchmarks/bench_overhead.py --rows 1280 --batch-size 32 --eval-every 10 \
         --warmup-steps 10 --repeats 3
+
+``--cpus 1`` gives the worker one CPU and the plain loop one torch thread, which on a
+2-core machine leaves a core to Ray's own processes, as a node with more cores than its
+training workers use does (``--name overhead_1cpu``).
 """
 
 from __future__ import annotations
