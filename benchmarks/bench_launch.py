@@ -1,0 +1,163 @@
+"""Where a run's fixed seconds go before and after its training: Ray Train starting and
+stopping a worker group (what a run's `launch` holds: the driver's `run` less the worker's
+own wall time, rayft.timing), and the libraries the worker imports (in its `setup`).
+
+Three measurements, on a local Ray of this process's own:
+
+1. `imports`: each library the training function needs, imported in a fresh Python
+   process in the order the worker meets them (median of ``--repeats``); `rayft.loop`
+   itself imports torch only, the rest are imported once the function runs;
+2. `bare`: Ray Train alone, a `TorchTrainer` of 1 worker x 2 CPUs whose function only
+   sleeps (3 s, 0.5 s more each repeat, so its end falls at a different point of the
+   controller's polling each time) and notes when it started and ended: seconds from
+   `fit()` to the function, and from its end back to `fit()` returning; for each Ray
+   Train controller poll interval in ``--intervals`` (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`,
+   Ray's default 2 s), alternating;
+3. `poll_cpu`: what each interval costs while a worker trains: the machine's CPU by
+   process over 25 s of a function that only sleeps (a stand-in for the training steps
+   the polls interrupt).
+
+    python benchmarks/bench_launch.py --repeats 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench_overhead import CpuCensus, alternating, environment, median, start_ray, write_result
+
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# What the worker imports to run rayft's training function, in that order.
+IMPORTS = ["torch", "transformers.modeling_utils", "deepspeed", "peft", "ray.train.torch",
+           "rayft.loop"]  # fmt: skip
+PROBE = """
+import importlib, json, time
+seconds = {}
+for name in %r:
+    started = time.perf_counter()
+    importlib.import_module(name)
+    seconds[name] = time.perf_counter() - started
+print("IMPORTS " + json.dumps(seconds))
+"""
+
+
+def imports(repeats: int) -> dict[str, Any]:
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE % IMPORTS], capture_output=True, text=True, check=True
+        ).stdout
+        line = next(line for line in out.splitlines() if line.startswith("IMPORTS "))
+        runs.append(json.loads(line[len("IMPORTS ") :]))
+    per_module = {name: median([r[name] for r in runs]) for name in IMPORTS}
+    return {"seconds": per_module, "total_seconds": median([sum(r.values()) for r in runs]),
+            "runs": runs}  # fmt: skip
+
+
+def bare_fit(work: str, interval: str, sleep: float = 0.0) -> dict[str, float]:
+    """One `TorchTrainer.fit()` of a function that notes when it starts and ends."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stamp = os.path.join(work, f"stamp-{time.time_ns()}")
+
+    def note_times(config: dict[str, Any]) -> None:
+        started = time.time()
+        time.sleep(config["sleep"])
+        with open(config["stamp"], "w") as handle:
+            handle.write(f"{started} {time.time()}")
+
+    os.environ[POLL_ENV] = interval  # Ray Train passes it from the driver to its controller
+    started = time.time()
+    TorchTrainer(
+        note_times,
+        train_loop_config={"stamp": stamp, "sleep": sleep},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
+        run_config=RunConfig(storage_path=os.path.join(work, "storage"), name=f"bare-{started}"),
+    ).fit()
+    returned = time.time()
+    with open(stamp) as handle:
+        fn_start, fn_end = map(float, handle.read().split())
+    return {"to_function_seconds": fn_start - started, "after_function_seconds": returned - fn_end,
+            "fit_seconds": returned - started, "fn_start": fn_start, "fn_end": fn_end}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--intervals", nargs="+", default=["2.0", "0.25"],
+                        help=f"{POLL_ENV} values (seconds)")  # fmt: skip
+    parser.add_argument("--name", default="launch", help="results: benchmarks/results/NAME.json")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="rayft-bench-launch-")
+    default = os.environ.get(POLL_ENV)
+
+    found = imports(args.repeats)
+    print("imports, s: " + ", ".join(f"{k} {v:.2f}" for k, v in found["seconds"].items())
+          + f"; total {found['total_seconds']:.2f}", flush=True)  # fmt: skip
+    start_ray(2 + 2)
+    bare: dict[str, list[dict[str, float]]] = {i: [] for i in args.intervals}
+    for repeat, interval in alternating(args.intervals, args.repeats):
+        bare[interval].append(bare_fit(work, interval, sleep=3.0 + 0.5 * repeat))
+        print(f"repeat {repeat}, poll {interval} s: {bare[interval][-1]}", flush=True)
+    poll_cpu: dict[str, dict[str, Any]] = {}
+    for interval in args.intervals:
+        cpu = CpuCensus(interval=1.0)
+        cpu.start()
+        times = bare_fit(work, interval, sleep=30.0)
+        cpu.stop()
+        # 25 s inside the function, away from its start and end
+        roles = cpu.roles(times["fn_start"] + 2.5, times["fn_start"] + 27.5)
+        poll_cpu[interval] = {
+            "train_controller_share": roles.get("TrainController", {}).get("share", 0.0),
+            "train_worker_share": roles.get("RayTrainWorker", {}).get("share", 0.0),
+            "all_ray_share": sum(r["share"] for k, r in roles.items() if k != "foreign"),
+            "roles": roles,
+        }
+        print(f"poll {interval} s while the worker sleeps: " + ", ".join(
+            f"{k} {v:.2%}" for k, v in poll_cpu[interval].items() if k != "roles"), flush=True)  # fmt: skip
+    if default is None:
+        os.environ.pop(POLL_ENV, None)
+
+    summary = {
+        "imports_seconds": found["total_seconds"],
+        **{f"poll_{i}s": {
+            "to_function_seconds": median([b["to_function_seconds"] for b in bare[i]]),
+            "after_function_seconds": median([b["after_function_seconds"] for b in bare[i]]),
+            "fit_seconds": median([b["fit_seconds"] for b in bare[i]]),
+            "train_controller_cpu_share": poll_cpu[i]["train_controller_share"],
+            "train_worker_cpu_share": poll_cpu[i]["train_worker_share"],
+            "all_ray_cpu_share": poll_cpu[i]["all_ray_share"],
+        } for i in args.intervals},
+    }  # fmt: skip
+    first = args.intervals[0]
+    for i in args.intervals[1:]:
+        summary[f"poll_{i}s"]["fit_time_ratio_vs_poll_{first}s"] = (
+            summary[f"poll_{i}s"]["fit_seconds"] / summary[f"poll_{first}s"]["fit_seconds"]
+        )
+    path = write_result(args.name, {
+        **environment(),
+        "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
+                  "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats},
+        "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
+    })  # fmt: skip
+    print(
+        "\n| poll interval | fit() to the function, s | function end to fit() return, s "
+        "| fit() in all, s | controller + worker CPU while training |\n|---|---|---|---|---|"
+    )
+    for i in args.intervals:
+        s = summary[f"poll_{i}s"]
+        print(f"| {i} s | {s['to_function_seconds']:.2f} | {s['after_function_seconds']:.2f} | "
+              f"{s['fit_seconds']:.2f} | {s['train_controller_cpu_share'] + s['train_worker_cpu_share']:.2%} |")  # fmt: skip
+    print(f"\nthe worker's imports: {found['total_seconds']:.2f} s; {path}")
+
+
+if __name__ == "__main__":
+    main()
