@@ -6,7 +6,13 @@ import argparse
 import json
 import sys
 
-from rayft.config import ConfigError, load_config, resolve_paths
+from rayft.config import (
+    ConfigError,
+    load_config,
+    resolve_paths,
+    single_worker_zero_note,
+    zero_stage,
+)
 from rayft.data.read import DataError
 
 FORGETTING_EXCEEDED = 3  # exit status of a run over eval.max_forgetting
@@ -171,7 +177,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = resolve_paths(load_config(args.config, args.overrides))
     files = check_sources(cfg)
     counts = ", ".join(f"{split}: {len(paths)} file(s)" for split, paths in files.items())
-    print(f"{args.config}: OK (task {cfg.task}, method {cfg.method}; {counts})")
+    workers = cfg.scaling.num_workers
+    print(
+        f"{args.config}: OK (task {cfg.task}, method {cfg.method}; {workers} worker(s), "
+        f"ZeRO stage {zero_stage(cfg)}; {counts})"
+    )
+    if note := single_worker_zero_note(cfg):
+        print(f"NOTE: {note}")
     return 0
 
 

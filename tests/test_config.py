@@ -179,8 +179,15 @@ def test_every_shipped_config_validates(path):
 
 
 def test_validate_command_reports_ok_and_errors(capsys, tmp_path):
-    assert main(["validate", "--config", str(REPO / "configs/demo.yaml")]) == 0
-    assert "OK" in capsys.readouterr().out
+    demo = str(REPO / "configs/demo.yaml")
+    assert main(["validate", "--config", demo]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "2 worker(s), ZeRO stage 2" in out and "NOTE" not in out
+    # The local mode: one worker runs stage 0 under `auto`; an explicit 2 gets a note.
+    assert main(["validate", "--config", demo, "scaling.num_workers=1"]) == 0
+    assert "1 worker(s), ZeRO stage 0" in capsys.readouterr().out
+    assert main(["validate", "--config", demo, "scaling.num_workers=1", "deepspeed.stage=2"]) == 0
+    assert "NOTE: deepspeed.stage=2 with one worker partitions nothing" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**MINIMAL, "deepspeed": {"stage": 5}}))
     assert main(["validate", "--config", str(bad)]) == 2
