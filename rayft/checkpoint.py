@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayft.config import RayftConfig
+from rayft.config import RayftConfig, zero_stage
 
 STATE_FILE = "rayft_state.json"
 DS_DIR = "deepspeed"
@@ -151,12 +151,35 @@ def resume_candidate(run_dir: str) -> tuple[str, dict[str, Any], list[str]] | No
     return newest_complete(paths) if paths else None
 
 
-def world_size_error(path: str, saved: int, world: int) -> str:
-    return (
-        f"{path} was written by {saved} workers and this run has {world}: a ZeRO checkpoint "
-        f"resumes only at its own world size. Set scaling.num_workers={saved}, or "
-        f"`rayft export --checkpoint {path}` and start a new run from the exported model"
-    )
+def saved_zero_stage(state: dict[str, Any]) -> int | None:
+    """The ZeRO stage a checkpoint's run used: recorded as `zero_stage` since
+    `deepspeed.stage: auto`, before that its config's stage (then always a number)."""
+    if "zero_stage" in state:
+        return state["zero_stage"]
+    stage = state.get("config", {}).get("deepspeed", {}).get("stage")
+    return stage if isinstance(stage, int) else None
+
+
+def resume_problem(path: str, state: dict[str, Any], cfg: RayftConfig, world: int) -> str | None:
+    """Why this run cannot continue from the checkpoint at ``path`` (its ``state``): a
+    ZeRO checkpoint holds one shard per rank, laid out by its stage, so it resumes only
+    at its own world size and stage. None when it can."""
+    export = f"`rayft export --checkpoint {path}` and start a new run from the exported model"
+    saved = state["world_size"]
+    if saved != world:
+        return (
+            f"{path} was written by {saved} workers and this run has {world}: a ZeRO "
+            f"checkpoint resumes only at its own world size. Set scaling.num_workers={saved}, "
+            f"or {export}"
+        )
+    stage, now = saved_zero_stage(state), zero_stage(cfg, world)
+    if stage is not None and stage != now:
+        return (
+            f"{path} was written at ZeRO stage {stage} and this run's deepspeed.stage "
+            f"({cfg.deepspeed.stage}) is stage {now}: a ZeRO checkpoint resumes only at its "
+            f"own stage. Set deepspeed.stage={stage}, or {export}"
+        )
+    return None
 
 
 def checkpoints_of_run(run_dir: str, filesystem: Any = None) -> list[str]:

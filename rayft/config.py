@@ -676,6 +676,12 @@ def consistency_problems(cfg: RayftConfig) -> list[str]:
             f"deepspeed.offload_param needs deepspeed.stage=3 (got stage {ds.stage}); "
             "set deepspeed.stage=3 or deepspeed.offload_param=false"
         )
+    zero_overrides = ds.overrides.get("zero_optimization")
+    if isinstance(zero_overrides, dict) and "stage" in zero_overrides:
+        problems.append(
+            "deepspeed.overrides.zero_optimization.stage: set deepspeed.stage instead (rayft "
+            "reads it to build ZeRO-3 models partitioned, plan memory and resume checkpoints)"
+        )
     if ds.offload_optimizer and ds.stage == 0:
         problems.append(
             "deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (got 0); set deepspeed.stage"

@@ -284,8 +284,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if restored is not None:
         resume_dir = restored.to_directory()
         state = ckpt.read_state(resume_dir)
-        if state["world_size"] != world:
-            raise RuntimeError(ckpt.world_size_error(restored.path, state["world_size"], world))
+        if problem := ckpt.resume_problem(restored.path, state, cfg, world):
+            raise RuntimeError(problem)
         if rank == 0:
             say(
                 f"resuming from checkpoint at step {state['step']} "
@@ -354,6 +354,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "micro": micro,
             "step": step,
             "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(),
             "history": history,
             "metrics": metrics,
             "forgetting_before": state.get("forgetting_before"),

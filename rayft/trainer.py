@@ -256,7 +256,8 @@ def resumed_run_name(cfg: RayftConfig) -> str:
 def resume_point(cfg: RayftConfig, run_name: str, *, required: bool) -> str | None:
     """The newest complete checkpoint of the run `run_name` in `storage_path`, checked on
     the driver before any worker starts: an incomplete newer one is skipped with a
-    warning; none complete, or one written by another number of workers, is an error.
+    warning; none complete, or one written by another number of workers or at another ZeRO
+    stage, is an error.
     None when the run has no checkpoint (and ``required`` is false): a fresh start."""
     run_dir = fs.join(cfg.storage_path, run_name)
     try:
@@ -273,9 +274,8 @@ def resume_point(cfg: RayftConfig, run_name: str, *, required: bool) -> str | No
     path, state, skipped = found
     for problem in skipped:
         say(f"WARNING: skipping an incomplete checkpoint: {problem}")
-    if state["world_size"] != cfg.scaling.num_workers:
-        world = cfg.scaling.num_workers
-        raise ConfigError([ckpt.world_size_error(path, state["world_size"], world)])
+    if problem := ckpt.resume_problem(path, state, cfg, cfg.scaling.num_workers):
+        raise ConfigError([problem])
     say(f"continuing run {run_name} from {path} (step {state['step']})")
     return path
 

@@ -175,6 +175,23 @@ def check_is_complete_until_damaged(saved: str, tmp_path: Path) -> None:
         ckpt.newest_complete(copies)
 
 
+def test_a_checkpoint_resumes_only_at_its_world_size_and_zero_stage():
+    minimal = {"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl", "eval": "b.jsonl"}}
+    one = validate_config({**minimal, "scaling": {"num_workers": 1}})  # auto: stage 0
+    assert ckpt.resume_problem("ck", {"world_size": 1, "zero_stage": 0}, one, 1) is None
+    problem = ckpt.resume_problem("ck", {"world_size": 2, "zero_stage": 2}, one, 1)
+    assert "written by 2 workers and this run has 1" in problem
+    assert "scaling.num_workers=2" in problem and "rayft export --checkpoint ck" in problem
+    # Written before `auto` existed: a one-worker run at the old default, stage 2.
+    older = {"world_size": 1, "config": {"deepspeed": {"stage": 2}}}
+    problem = ckpt.resume_problem("ck", older, one, 1)
+    assert "written at ZeRO stage 2 and this run's deepspeed.stage (auto) is stage 0" in problem
+    assert "Set deepspeed.stage=2" in problem
+    two = validate_config({**minimal, "scaling": {"num_workers": 1}, "deepspeed": {"stage": 2}})
+    assert ckpt.resume_problem("ck", older, two, 1) is None
+    assert ckpt.resume_problem("ck", {"world_size": 1}, one, 1) is None  # stage unknown
+
+
 def test_fault_spec_is_checked():
     assert resilience.Fault.parse("kill:rank=1:step=5") == resilience.Fault(1, 5, 1)
     assert resilience.Fault.parse("kill:rank=driver:step=2:times=3").rank is None

@@ -87,11 +87,20 @@ def test_cross_field_rules_name_the_fix():
     problems = problems_of(
         {
             **MINIMAL,
-            "deepspeed": {"stage": 2, "offload_param": True, "precision": "bf16"},
+            "deepspeed": {
+                "stage": 2,
+                "offload_param": True,
+                "precision": "bf16",
+                "overrides": {"zero_optimization": {"stage": 3}},
+            },
             "model": {"name_or_path": "m", "trust_remote_code": True},
         }
     )
     assert any("deepspeed.offload_param needs deepspeed.stage=3" in p for p in problems)
+    assert any(
+        p.startswith("deepspeed.overrides.zero_optimization.stage: set deepspeed.stage instead")
+        for p in problems
+    )
     assert any("deepspeed.precision=bf16 needs scaling.use_gpu=true" in p for p in problems)
     assert any("model.revision" in p for p in problems)
 

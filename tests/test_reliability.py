@@ -172,6 +172,8 @@ def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
 
     with pytest.raises(ConfigError, match="written by 2 workers"):
         fit(validate_config({**raw, "scaling": {"num_workers": 1}}), resume=True)
+    with pytest.raises(ConfigError, match=r"written at ZeRO stage 2 .* is stage 3"):
+        fit(validate_config({**raw, "deepspeed": {"stage": 3}}), resume=True)
     with pytest.raises(ConfigError, match="run.json not found"):
         fit(validate_config({**raw, "output_dir": str(tmp_path / "never")}), resume=True)
 

@@ -326,6 +326,8 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     kept = list((out / "ray").rglob("mp_rank_00_model_states.pt"))
     shards = list((out / "ray").rglob("*optim_states.pt"))
     assert kept and not shards, (kept, shards)
+    states = [json.loads(p.read_text()) for p in (out / "ray").rglob("rayft_state.json")]
+    assert states and {s["zero_stage"] for s in states} == {0}  # what a resume must match
 
 
 def test_timings_merge_driver_and_worker_sections():
