@@ -112,7 +112,7 @@ def initialize(
         config=conf,
         dist_init_required=False,
     )
-    if world_size == 1 and zero_stage(cfg, world_size) == 0:
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
         # Alone, a rank's gradients are already the global ones: skip DeepSpeed's
         # flatten + all-reduce + copy-back of every gradient at each step.
         engine.enable_backward_allreduce = False

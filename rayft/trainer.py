@@ -340,6 +340,15 @@ def start_local_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> 
     )
 
 
+def say_launch_advice(cfg: RayftConfig) -> None:
+    """What to print before workers start (`train` and `tune`): a GPU run that will not
+    fit, and ZeRO stages that buy one worker nothing."""
+    if warning := warn_if_unfit(cfg):
+        say(warning)
+    if note := single_worker_zero_note(cfg):
+        say(f"NOTE: {note}")
+
+
 def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, train, evaluate, run the baselines, and write config.yaml,
     metrics.json, model/ and the report. With ``resume``, continue the run this
@@ -347,10 +356,7 @@ def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     started = time.time()
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
-    if warning := warn_if_unfit(cfg):
-        say(warning)
-    if note := single_worker_zero_note(cfg):
-        say(f"NOTE: {note}")
+    say_launch_advice(cfg)
     run_name = resumed_run_name(cfg) if resume else cfg.run_name or default_run_name(cfg)
     resume_from = resume_point(cfg, run_name, required=resume)
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -34,7 +34,6 @@ from rayft.config import (
     dump_config,
     load_config,
     resolve_paths,
-    single_worker_zero_note,
     validate_config,
 )
 from rayft.console import say
@@ -358,18 +357,14 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
 
     from rayft.data.prepare import check_sources, prepare
     from rayft.forgetting import read_general_text
-    from rayft.plan import warn_if_unfit
-    from rayft.trainer import init_ray
+    from rayft.trainer import init_ray, say_launch_advice
 
     t = cfg.tune
     check_search_space(cfg)
     scheduler, search_alg = _scheduler(t), _search_alg(t)  # their errors too, before Ray
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)
-    if warning := warn_if_unfit(cfg):
-        say(warning)
-    if note := single_worker_zero_note(cfg):
-        say(f"NOTE: {note}")
+    say_launch_advice(cfg)
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg, trials=t.max_concurrent_trials or 1, driver_cpus=DRIVER_CPUS)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayft.config import DataConfig, RayftConfig, max_tokens, zero_stage
+from rayft.config import DataConfig, RayftConfig, max_tokens
 from rayft.tasks import Task
 from rayft.tasks.common import IGNORE_INDEX, pad_sequences
 
@@ -373,8 +373,7 @@ def generate(engine: Any, prompts: list[dict], tokenizer: Any, cfg: RayftConfig)
 
     model = engine.module
     model.eval()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    synced = world > 1 and zero_stage(cfg, world) == 3
+    synced = engine.zero_optimization_stage() == 3 and dist.get_world_size() > 1
     answers = []
     for sample in prompts:
         input_ids = torch.tensor(
