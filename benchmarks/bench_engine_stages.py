@@ -21,7 +21,7 @@ from typing import Any
 
 from bench_overhead import alternating, deepspeed_alone, environment, median, write_result
 
-STAGES = ("0", "1", "2", "3")
+STAGES = (0, 1, 2, 3)
 
 
 def engine_step_seconds(layout: dict[str, int], stage: int, steps: int, warmup: int) -> float:
@@ -79,18 +79,18 @@ def main() -> None:
     for spec in args.layouts:
         hidden, layers, batch, tokens = map(int, spec.split(":"))
         layout = {"hidden": hidden, "layers": layers, "batch": batch, "tokens": tokens}
-        runs: dict[str, list[float]] = {s: [] for s in STAGES}
+        runs: dict[int, list[float]] = {s: [] for s in STAGES}
         for repeat, stage in alternating(list(STAGES), args.repeats):
-            runs[stage].append(engine_step_seconds(layout, int(stage), args.steps, args.warmup))
+            runs[stage].append(engine_step_seconds(layout, stage, args.steps, args.warmup))
             print(f"{spec} repeat {repeat} stage {stage}: {runs[stage][-1] * 1000:.1f} ms/step",
                   flush=True)  # fmt: skip
-        base = median(runs["0"])
+        base = median(runs[0])
         results[spec] = {
             "layout": layout,
             **{f"stage{s}": {
                 "step_seconds": median(runs[s]),
                 "step_time_vs_stage0_ratio": median(runs[s]) / base,
-                "per_repeat_vs_stage0": [x / y for x, y in zip(runs[s], runs["0"], strict=True)],
+                "per_repeat_vs_stage0": [x / y for x, y in zip(runs[s], runs[0], strict=True)],
                 "runs": runs[s]} for s in STAGES},
         }  # fmt: skip
     path = write_result(args.name, {

@@ -15,7 +15,11 @@ Three measurements, on a local Ray of this process's own:
    Ray's default 2 s), alternating;
 3. `poll_cpu`: what each interval costs while a worker trains: the machine's CPU by
    process over 25 s of a function that only sleeps (a stand-in for the training steps
-   the polls interrupt).
+   the polls interrupt);
+4. `rayft`: rayft runs of a 4-step MiniLM job (after one run that warms the data cache),
+   their `launch` taken apart by when the driver receives Ray Train's log lines (the
+   controller asking for resources, the worker group started, the final report; Ray
+   forwards the workers' lines with some delay, so the split is approximate).
 
     python benchmarks/bench_launch.py --repeats 4
 """
@@ -31,9 +35,26 @@ import tempfile
 import time
 from typing import Any
 
-from bench_overhead import CpuCensus, alternating, environment, median, start_ray, write_result
+from bench_overhead import (
+    MINILM,
+    CpuCensus,
+    Timeline,
+    alternating,
+    environment,
+    median,
+    quiet_run_config,
+    sst2_dev_subset,
+    sst2_subset,
+    start_ray,
+    write_result,
+)
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Lines of a rayft run whose arrival times split its `launch` (Ray Train's own log lines).
+REQUESTED = "Requesting resources"
+STARTED = "Started training worker group"
+REPORTED = "Reporting training result"
+PLANNED = "rows per step"  # rayft's driver: the data stage is done
 # What the worker imports to run rayft's training function, in that order.
 IMPORTS = ["torch", "transformers.modeling_utils", "deepspeed", "peft", "ray.train.torch",
            "rayft.loop"]  # fmt: skip
@@ -89,15 +110,67 @@ def bare_fit(work: str, interval: str, sleep: float = 0.0) -> dict[str, float]:
             "fit_seconds": returned - started, "fn_start": fn_start, "fn_end": fn_end}  # fmt: skip
 
 
+def arrival(timeline: Timeline, needle: str, since: float, *, last: bool = False) -> float:
+    """When the first (``last``: the last) line holding ``needle`` arrived after ``since``."""
+    hits = timeline.every(needle, since)
+    if not hits:
+        raise ValueError(f"no '{needle}' line in the run's output since {since}")
+    return hits[-1 if last else 0][0]
+
+
+def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, float]]:
+    """``runs`` rayft runs of a 4-step job on the local Ray, after one that warms the data
+    cache; each one's timings and the seconds between the lines that split its launch."""
+    from rayft.config import validate_config
+    from rayft.trainer import fit
+
+    train, dev = sst2_subset(400, work), sst2_dev_subset(64, work)
+    found = []
+    for run in range(runs + 1):
+        cfg = validate_config(quiet_run_config({
+            "task": "sequence_classification", "method": "full",
+            "output_dir": os.path.join(work, f"rayft-{run}"), "model": {"name_or_path": MINILM},
+            "data": {"train": train, "eval": dev, "text_column": "sentence",
+                     "label_column": "label", "dedup": {"near": False},
+                     "cache_dir": os.path.join(work, "cache")},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+            "train": {"epochs": 1, "batch_size": 16, "max_steps": 4, "eval_every_steps": 100,
+                      "log_every_steps": 1000},
+        }))  # fmt: skip
+        started = time.time()
+        timings = fit(cfg)["timings"]
+        returned = time.time()
+        if run == 0:
+            continue  # the data stage ran cold, DeepSpeed's CPU op may have been built
+        planned, requested, begun, reported = (
+            arrival(timeline, needle, started, last=needle == REPORTED)
+            for needle in (PLANNED, REQUESTED, STARTED, REPORTED)
+        )
+        found.append({
+            "timings": timings,
+            "data_ready_to_resources_requested_seconds": requested - planned,
+            "resources_requested_to_group_started_seconds": begun - requested,
+            "final_report_to_fit_returned_seconds": returned - reported,
+        })  # fmt: skip
+        print(f"rayft run {run}: launch {timings['launch']:.1f} s, " + ", ".join(
+            f"{k} {v:.1f}" for k, v in found[-1].items() if k != "timings"), flush=True)  # fmt: skip
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--intervals", nargs="+", default=["2.0", "0.25"],
                         help=f"{POLL_ENV} values (seconds)")  # fmt: skip
+    parser.add_argument("--rayft-runs", type=int, default=3, help="rayft runs measured")
     parser.add_argument("--name", default="launch", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rayft-bench-launch-")
     default = os.environ.get(POLL_ENV)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train's lines reach the driver on stderr, rayft's on stdout: both are timed.
+    timeline = Timeline(sys.stdout, keep=("[rayft]", REQUESTED, STARTED, REPORTED))
+    sys.stdout = sys.stderr = timeline
 
     found = imports(args.repeats)
     print("imports, s: " + ", ".join(f"{k} {v:.2f}" for k, v in found["seconds"].items())
@@ -127,6 +200,7 @@ def main() -> None:
         os.environ.pop(POLL_ENV, None)
     else:
         os.environ[POLL_ENV] = default
+    rayft = rayft_launch(work, timeline, args.rayft_runs)
 
     summary = {
         "imports_seconds": found["total_seconds"],
@@ -138,6 +212,10 @@ def main() -> None:
             "train_worker_cpu_share": poll_cpu[i]["train_worker_share"],
             "all_ray_cpu_share": poll_cpu[i]["all_ray_share"],
         } for i in args.intervals},
+        "rayft": {key: median([r[key] for r in rayft])
+                  for key in rayft[0] if key != "timings"}
+                 | {f"{section}_seconds": median([r["timings"][section] for r in rayft])
+                    for section in ("launch", "setup")},
     }  # fmt: skip
     first = args.intervals[0]
     for i in args.intervals[1:]:
@@ -149,6 +227,7 @@ def main() -> None:
         "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
                   "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats},
         "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
+        "rayft_runs": rayft,
     })  # fmt: skip
     print(
         "\n| poll interval | fit() to the function, s | function end to fit() return, s "
@@ -158,7 +237,13 @@ def main() -> None:
         s = summary[f"poll_{i}s"]
         print(f"| {i} s | {s['to_function_seconds']:.2f} | {s['after_function_seconds']:.2f} | "
               f"{s['fit_seconds']:.2f} | {s['train_controller_cpu_share'] + s['train_worker_cpu_share']:.2%} |")  # fmt: skip
-    print(f"\nthe worker's imports: {found['total_seconds']:.2f} s; {path}")
+    r = summary["rayft"]
+    print(f"\nrayft (median of {len(rayft)}): launch {r['launch_seconds']:.1f} s = data ready "
+          f"-> resources requested {r['data_ready_to_resources_requested_seconds']:.1f} + "
+          f"-> worker group started {r['resources_requested_to_group_started_seconds']:.1f} + "
+          f"final report -> fit() returned {r['final_report_to_fit_returned_seconds']:.1f} "
+          f"(+ the rest); setup {r['setup_seconds']:.1f} s")  # fmt: skip
+    print(f"the worker's imports: {found['total_seconds']:.2f} s; {path}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
+
+Side = TypeVar("Side")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SST2 = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "sst2"))
@@ -149,11 +151,13 @@ def quiet_run_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class Timeline:
-    """Wraps sys.stdout and notes when each `[rayft]` line arrives (the driver's own, and
-    the workers' as Ray forwards them), so phases of a run can be timed from outside."""
+    """Wraps sys.stdout and notes when each line holding one of ``keep`` arrives (by
+    default rayft's `[rayft]` lines: the driver's own, and the workers' as Ray forwards
+    them), so phases of a run can be timed from outside."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, keep: tuple[str, ...] = ("[rayft]",)):
         self.stream = stream
+        self.keep = keep
         self.lines: list[tuple[float, str]] = []
         self.pending = ""
         self.lock = threading.Lock()
@@ -163,7 +167,7 @@ class Timeline:
         with self.lock:
             self.pending += text
             *complete, self.pending = self.pending.split("\n")
-            self.lines.extend((now, line) for line in complete if "[rayft]" in line)
+            self.lines.extend((now, line) for line in complete if any(k in line for k in self.keep))
         return self.stream.write(text)
 
     def __getattr__(self, name: str) -> Any:
@@ -343,7 +347,7 @@ def ab_setup(args: argparse.Namespace, batches: int, **more: Any) -> dict[str, A
             **more}  # fmt: skip
 
 
-def alternating(sides: list[str], repeats: int) -> Iterator[tuple[int, str]]:
+def alternating(sides: list[Side], repeats: int) -> Iterator[tuple[int, Side]]:
     """(repeat, side) with the order of the sides reversed every other repeat."""
     for repeat in range(repeats):
         for side in sides if repeat % 2 == 0 else sides[::-1]:
