@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from rayft.config import (
     dump_config,
     load_config,
     resolve_paths,
+    single_worker_zero_note,
     validate_config,
 )
 from rayft.console import say
@@ -100,6 +102,40 @@ def check_search_space(cfg: RayftConfig) -> None:
                         "tune.search_space")  # fmt: skip
     if problems:
         raise ConfigError(problems)
+
+
+# What decides whether one worker is given a ZeRO stage that partitions nothing.
+ZERO_NOTE_KEYS = (
+    "scaling.num_workers",
+    "deepspeed.stage",
+    "deepspeed.offload_optimizer",
+    "deepspeed.offload_param",
+)
+
+
+def trial_zero_notes(cfg: RayftConfig) -> list[str]:
+    """`single_worker_zero_note` for the trials a search space makes, where the base
+    config has none of its own: e.g. `scaling.num_workers` choosing 1 beside an explicit
+    `deepspeed.stage: 2`. One line per combination of the varied values that earns it
+    (the extremes of a range, as `check_search_space` validates)."""
+    if single_worker_zero_note(cfg):
+        return []  # the launch advice says it for every trial already
+    space = cfg.tune.search_space
+    varied = {key: _samples(space[key]) for key in ZERO_NOTE_KEYS if key in space}
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    notes: list[str] = []
+    for values in itertools.product(*varied.values()):
+        raw = base
+        for key, value in zip(varied, values, strict=True):
+            raw = deep_merge(raw, _nested(key, value))
+        try:
+            trial = validate_config(raw)
+        except ConfigError:
+            continue  # a combination no trial can run: check_search_space's concern
+        if note := single_worker_zero_note(trial):
+            where = ", ".join(f"{k}={v}" for k, v in zip(varied, values, strict=True))
+            notes.append(f"trials with {where}: {note}")
+    return notes
 
 
 def tune_space(space: dict[str, dict[str, list]], search_alg: str) -> dict[str, Any]:
@@ -365,6 +401,8 @@ def search(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)
     say_launch_advice(cfg)
+    for note in trial_zero_notes(cfg):
+        say(f"NOTE: {note}")
     out = os.path.join(cfg.output_dir, TUNE_DIR)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg, trials=t.max_concurrent_trials or 1, driver_cpus=DRIVER_CPUS)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rayft.config import ConfigError, validate_config
-from rayft.tune import check_search_space
+from rayft.tune import check_search_space, trial_zero_notes
 from tests.conftest import REPO, base_config, wait_for
 
 GOOD_LR = 3e-3
@@ -84,6 +84,30 @@ def test_search_space_problems_are_all_reported_before_anything_runs(tmp_path):
     raw["tune"] = {"search_space": {"train.lr": {"uniform": [1e-5, 1e-3]}}, "search_alg": "grid"}
     with pytest.raises(ConfigError, match="search_alg grid needs grid or choice values"):
         check_search_space(validate_config(raw))
+
+
+def test_trials_of_one_worker_given_a_zero_stage_get_the_note():
+    raw = {
+        "model": {"name_or_path": "m"},
+        "data": {"train": "t.jsonl", "eval": "e.jsonl"},
+        "scaling": {"num_workers": 2},
+        "deepspeed": {"stage": 2},
+        "tune": {"search_space": {"scaling.num_workers": {"choice": [1, 2, 4]}}},
+    }
+    (note,) = trial_zero_notes(validate_config(raw))
+    assert note.startswith("trials with scaling.num_workers=1: deepspeed.stage=2 with one worker")
+    raw["tune"]["search_space"]["deepspeed.stage"] = {"grid": [0, 3, "auto"]}
+    notes = trial_zero_notes(validate_config(raw))
+    assert [n.split(":")[0] for n in notes] == [
+        "trials with scaling.num_workers=1, deepspeed.stage=3"
+    ]
+    raw["tune"]["search_space"]["deepspeed.offload_optimizer"] = {"choice": [True, False]}
+    notes = trial_zero_notes(validate_config(raw))
+    assert [n.split(":")[0] for n in notes] == [
+        "trials with scaling.num_workers=1, deepspeed.stage=3, deepspeed.offload_optimizer=False"
+    ]
+    raw["scaling"]["num_workers"], raw["tune"]["search_space"] = 1, {"train.lr": {"grid": [1e-3]}}
+    assert trial_zero_notes(validate_config(raw)) == []  # the launch advice says it once
 
 
 def free_port() -> int:
