@@ -205,6 +205,12 @@ def start_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> float:
     return time.time() - started
 
 
+# A process's CPU ticks, role, start time, kernel ticks, minor faults, and (for the
+# training roles) the involuntary context switches of its threads.
+Snapshot = tuple[int, str, str, int, int, int]
+TRAINING_ROLES = ("RayTrainWorker", "driver")
+
+
 class CpuCensus:
     """Where the machine's CPU time went between `start` and `stop`, as shares of its
     capacity, from /proc sampled every ``interval`` seconds in a background thread (so
@@ -213,12 +219,14 @@ class CpuCensus:
     tree (other people's jobs on a shared machine, recorded beside every timing so a
     noisy figure can be told apart); `trainer`, Ray Train's worker processes;
     `own_other`, the rest of this tree (this driver, Ray's daemons and actors, Ray Data).
-    `roles` splits a window of the run by process (Ray's actor class or daemon)."""
+    `roles` splits a window of the run by process (Ray's actor class or daemon). Of the
+    processes that train (`TRAINING_ROLES`) it also counts the involuntary context
+    switches of all their threads: how often the kernel took a core from them."""
 
     def __init__(self, interval: float = 2.0) -> None:
         self.root = os.getpid()
         self.interval = interval
-        self.samples: list[tuple[float, dict[int, tuple[int, str, str, int, int]]]] = []
+        self.samples: list[tuple[float, dict[int, Snapshot]]] = []
         self.owned: dict[tuple[int, str], bool] = {}  # (pid, start time) -> in this tree
         self.halt = threading.Event()
         self.thread: threading.Thread | None = None
@@ -240,7 +248,21 @@ class CpuCensus:
                 return daemon.removesuffix(".py")
         return " ".join(os.path.basename(part) for part in cmd.split()[:3]) or "other"
 
-    def _snapshot(self) -> dict[int, tuple[int, str, str, int, int]]:
+    @staticmethod
+    def _preempted(pid: int) -> int:
+        """Involuntary context switches, summed over the process's threads."""
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as handle:
+                    for line in handle:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+        except OSError:
+            pass  # gone, or a thread gone between listing and reading
+        return total
+
+    def _snapshot(self) -> dict[int, Snapshot]:
         parent, stats = {}, {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
@@ -268,7 +290,9 @@ class CpuCensus:
         for pid, (ticks, born, system, faults) in stats.items():
             if (pid, born) not in self.owned:
                 self.owned[(pid, born)] = own(pid)
-            found[pid] = (ticks, self._role(pid, self.owned[(pid, born)]), born, system, faults)
+            role = self._role(pid, self.owned[(pid, born)])
+            preempted = self._preempted(pid) if role in TRAINING_ROLES else 0
+            found[pid] = (ticks, role, born, system, faults, preempted)
         return found
 
     def _sample(self) -> None:
@@ -296,20 +320,21 @@ class CpuCensus:
         """Each role's share of the machine's capacity between the first sample at or
         after ``since`` and the last one at or before ``until``, and how many processes
         held it; of that share, the kernel's (`system_share`: page faults, syscalls), and
-        the minor page faults per second. A process born in the window counts from zero,
-        one gone counts to its last sample."""
+        the minor page faults per second; for `TRAINING_ROLES`, the times per second
+        their threads were preempted. A process born in the window counts from zero, one
+        gone counts to its last sample."""
         inside = [(t, snap) for t, snap in self.samples if since <= t <= until]
         if len(inside) < 2:
             raise ValueError(f"fewer than two CPU samples between {since} and {until}")
         first_t, first = inside[0]
-        last: dict[int, tuple[int, str, str, int, int]] = {}
+        last: dict[int, Snapshot] = {}
         for _, snap in inside:
             last.update(snap)
         seconds = inside[-1][0] - first_t
         capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
         found: dict[str, dict[str, float]] = {}
-        for pid, (ticks, role, born, system, faults) in last.items():  # the role it had last
-            start = first[pid] if pid in first and first[pid][2] == born else (0, "", "", 0, 0)
+        for pid, (ticks, role, born, system, faults, preempted) in last.items():  # last role
+            start = first[pid] if pid in first and first[pid][2] == born else (0, "", "", 0, 0, 0)
             used = ticks - start[0]
             entry = found.setdefault(
                 role, {"share": 0.0, "processes": 0, "system_share": 0.0, "minor_faults_per_s": 0.0}
@@ -317,9 +342,50 @@ class CpuCensus:
             entry["share"] += used / capacity
             entry["system_share"] += (system - start[3]) / capacity
             entry["minor_faults_per_s"] += (faults - start[4]) / seconds
+            if role in TRAINING_ROLES:
+                entry["preemptions_per_s"] = (
+                    entry.get("preemptions_per_s", 0.0) + (preempted - start[5]) / seconds
+                )
             # this tree's processes all count; of the machine's others, only busy ones
             entry["processes"] += 1 if used > 0 or role != "foreign" else 0
         return dict(sorted(found.items(), key=lambda item: -item[1]["share"]))
+
+
+class IdleRay:
+    """``--ray-sched-idle``, an experiment: every second, every thread of this benchmark's
+    Ray processes other than the training worker's is put under SCHED_IDLE (Linux), so
+    they run on a core only when nothing else wants it. The raylet keeps its class (the
+    workers it starts would inherit SCHED_IDLE); a pooled worker that takes the training
+    actor gets SCHED_OTHER back (which needs CAP_SYS_NICE or a RLIMIT_NICE that allows it)."""
+
+    KEEP = ("foreign", "driver", "raylet", "RayTrainWorker")
+
+    def __init__(self) -> None:
+        self.census = CpuCensus()
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _set(pid: int, policy: int) -> None:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                if os.sched_getscheduler(int(tid)) != policy:
+                    os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+        except OSError:
+            pass  # gone meanwhile
+
+    def _run(self) -> None:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        while not self.halt.wait(1.0):
+            for pid, snapshot in self.census._snapshot().items():
+                role = snapshot[1]
+                if role == "RayTrainWorker":
+                    self._set(pid, os.SCHED_OTHER)
+                elif role not in self.KEEP:
+                    self._set(pid, os.SCHED_IDLE)
+
+    def start(self) -> None:
+        self.thread.start()
 
 
 def median(values: list[float]) -> float:
@@ -694,13 +760,32 @@ def main() -> None:
     parser.add_argument(
         "--cpus", type=int, default=2, help="the worker's CPUs, and the plain loop's torch threads"
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for rayft's Ray workers only (repeatable), e.g. "
+        "OMP_WAIT_POLICY=PASSIVE",
+    )
+    parser.add_argument(
+        "--ray-sched-idle",
+        action="store_true",
+        help="Ray's processes other than the training worker under SCHED_IDLE (`IdleRay`)",
+    )
     parser.add_argument("--name", default="overhead", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     args.work, timeline = prepare_run(args.work, "overhead")
 
     from rayft.config import resolve_paths, validate_config
     from rayft.data.prepare import check_sources, prepare
-    from rayft.trainer import WORKER_NICENESS_ENV
+    from rayft.trainer import RUNTIME_ENV, WORKER_NICENESS_ENV
+
+    for pair in args.worker_env:  # start_local_ray gives the workers RUNTIME_ENV
+        name, _, value = pair.partition("=")
+        RUNTIME_ENV["env_vars"][name] = value
+    if args.ray_sched_idle:
+        IdleRay().start()
 
     train = sst2_subset(args.rows, args.work)
     eval_ = sst2_dev_subset(args.eval_rows, args.work)
@@ -757,6 +842,7 @@ def main() -> None:
             roles = done[side]["steady_cpu_roles"]
             training = "RayTrainWorker" if side == "rayft" else "driver"
             done[side]["steady_helper_cpu_share"] = helper_share(roles, training)
+            done[side]["steady_preemptions_per_s"] = roles[training]["preemptions_per_s"]
         repeats.append(done)
         print(f"repeat {r} ({' then '.join(order)}): rayft {steady['step_seconds']:.3f} s/step, "
               f"plain {done['plain']['steady_step_seconds']:.3f} (beside an idle Ray "
@@ -770,6 +856,8 @@ def main() -> None:
                               for name, r in done[side]["steady_cpu_roles"].items()
                               if r["share"] >= 0.001)  # fmt: skip
             print(f"  {side} steady CPU by process (share of the machine): {shown}", flush=True)
+            preempted = done[side]["steady_preemptions_per_s"]
+            print(f"  {side}: the training process preempted {preempted:.0f} times/s", flush=True)
 
     def med(side: str, key: str) -> float:
         return median([rep[side][key] for rep in repeats])
@@ -801,6 +889,10 @@ def main() -> None:
             "plain_beside_ray", "steady_helper_cpu_share"
         ),
         "helper_cpu_share_plain_steady": med("plain", "steady_helper_cpu_share"),
+        # involuntary context switches of the training process's threads
+        "preemptions_per_s_rayft": med("rayft", "steady_preemptions_per_s"),
+        "preemptions_per_s_plain": med("plain", "steady_preemptions_per_s"),
+        "preemptions_per_s_plain_beside_ray": med("plain_beside_ray", "steady_preemptions_per_s"),
         "data_wait_target": 0.02,
         "ingest_rows_per_second": ingested["rows_per_second"],
         "consumption_samples_per_second": consumption,
@@ -829,6 +921,8 @@ def main() -> None:
             "rayft_padded_positions": rayft_positions,
             "ray_dashboard": not args.no_dashboard,
             "worker_niceness": os.environ.get(WORKER_NICENESS_ENV),
+            "worker_env": dict(pair.partition("=")[::2] for pair in args.worker_env),
+            "ray_sched_idle": args.ray_sched_idle,
         },  # fmt: skip
         "summary": summary,
         "ingest": ingested,
@@ -850,6 +944,9 @@ def main() -> None:
           f"{summary['helper_cpu_share_rayft_steady']:.1%} | "
           f"{summary['helper_cpu_share_plain_steady']:.1%} (beside Ray "
           f"{summary['helper_cpu_share_plain_beside_ray_steady']:.1%}) | |")  # fmt: skip
+    print(f"| training process preempted, times/s | {summary['preemptions_per_s_rayft']:.0f} | "
+          f"{summary['preemptions_per_s_plain']:.0f} (beside Ray "
+          f"{summary['preemptions_per_s_plain_beside_ray']:.0f}) | |")  # fmt: skip
     print(f"\nRay start {summary['ray_start_seconds']:.1f} s (median), cold data stage "
           f"{data_stage_cold:.1f} s; same tokens on both sides: {tokens_equal}, same padded "
           f"shapes: {shapes_equal}; {path}")  # fmt: skip
