@@ -15,6 +15,11 @@ its steady state. Runs alternate which side goes first; figures are medians of r
     python benchmarks/bench_overhead.py --rows 1280 --batch-size 32 --eval-every 10 \
         --warmup-steps 10 --repeats 3
 
+Beside each run's CPU split it counts how often the training process's threads were
+preempted (involuntary context switches per second). Two experiment switches, measured
+and not part of rayft: ``--ray-sched-idle`` (Ray's processes other than the training
+worker under SCHED_IDLE) and ``--worker-env NAME=VALUE`` (e.g. OMP_WAIT_POLICY=PASSIVE).
+
 ``--cpus 1`` gives the worker one CPU and the plain loop one torch thread, which on a
 2-core machine leaves a core to Ray's own processes, as a node with more cores than its
 training workers use does (``--name overhead_1cpu``).
