@@ -41,31 +41,37 @@ def run(config: dict) -> tuple[dict, Path]:
     return metrics, Path(config["output_dir"])
 
 
-def alive_actors(*classes: str) -> list[str]:
-    """Processes of these Ray actor classes on this machine, by their titles in /proc."""
-    found = []
+def alive_actors(*classes: str) -> dict[int, str]:
+    """Processes of these Ray actor classes on this machine (pid -> class), by their
+    titles in /proc."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        found += [name for name in classes if title.startswith(f"ray::{name}")]
+        found |= {int(pid): name for name in classes if title.startswith(f"ray::{name}")}
     return found
 
 
 class ActorWatch:
-    """The actor classes among ``classes`` that ran at any time inside the block."""
+    """The actor classes among ``classes`` that ran at any time inside the block, in
+    processes that were not there when it began (a previous run's actors may still be
+    on their way out)."""
 
     def __init__(self, *classes: str):
         self.classes, self.seen = classes, set()
+        self.before: dict[int, str] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         while not self.done.wait(0.5):
-            self.seen.update(alive_actors(*self.classes))
+            alive = alive_actors(*self.classes)
+            self.seen.update(name for pid, name in alive.items() if pid not in self.before)
 
     def __enter__(self) -> set[str]:
+        self.before = alive_actors(*self.classes)
         self.thread.start()
         return self.seen
 
