@@ -43,31 +43,82 @@ from bench_overhead import (
     write_result,
 )
 
+# A Trainer scenario maps to (whether it groups by length, torch threads or None for this
+# process's); a rayft one to its scaling (and its ZeRO stage or length-grouping window
+# where they are not the benchmark's).
+TRAINERS = {
+    "hf_trainer": (False, None),
+    "hf_trainer_grouped": (True, None),
+    # One thread, a core left free: the setting rayft_1x1_group50 matches.
+    "hf_trainer_grouped_1cpu": (True, 1),
+}
 SCENARIOS = {
-    "hf_trainer": None,
+    **dict.fromkeys(TRAINERS),
     "rayft_1x2": {"num_workers": 1, "cpus_per_worker": 2},
     "rayft_2x1": {"num_workers": 2, "cpus_per_worker": 1},
+    # The setting of the 2026-11-22 GPU sitting (ZeRO-2 on one worker), for a before/after.
+    "rayft_1x2_zero2": {"num_workers": 1, "cpus_per_worker": 2, "stage": 2},
+    # Length grouping over windows of 50 batches, the size of the Trainer's megabatches.
+    "rayft_1x2_group50": {"num_workers": 1, "cpus_per_worker": 2, "group_by_length": 50},
+    "rayft_1x1_group50": {"num_workers": 1, "cpus_per_worker": 1, "group_by_length": 50},
 }
+# A host-bound model: BERT's layout at 12 layers x 64 wide (random weights, MiniLM's
+# tokenizer), so a step is mostly Python and kernel dispatch, as BERT-base's is on a GPU at
+# batch 32 x ~25 tokens. Throughput only: its accuracy means nothing.
+TINY = {"hidden_size": 64, "num_hidden_layers": 12, "num_attention_heads": 2,
+        "intermediate_size": 256}  # fmt: skip
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """The model both sides load: MiniLM, or (``--model tiny``) a random BERT of the
+    ``TINY`` layout saved once into the scratch directory with MiniLM's tokenizer."""
+    from rayft.config import resolve_path
+
+    if args.model == "minilm":
+        return MINILM
+    out = os.path.join(args.work, "tiny-model")
+    if not os.path.isdir(out):
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(MINILM))
+        torch.manual_seed(42)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY)
+        BertForSequenceClassification(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
 
 
 def rayft_config(
     args: argparse.Namespace, method: str, scaling: dict[str, Any], out: str, cache: str
 ) -> dict[str, Any]:
+    scaling = dict(scaling)
+    stage = scaling.pop("stage", 0)
+    grouping = (
+        {"group_by_length": scaling.pop("group_by_length")} if "group_by_length" in scaling else {}
+    )
     batch = args.batch_size // scaling["num_workers"]  # the same global batch
     return quiet_run_config({
         "task": "sequence_classification", "method": method, "output_dir": out,
-        "model": {"name_or_path": MINILM},
+        "model": {"name_or_path": model_path(args)},
         "data": {"train": args.train, "eval": args.dev, "text_column": "sentence",
                  "label_column": "label", "dedup": {"near": False}, "cache_dir": cache},
         "scaling": scaling,
-        "deepspeed": {"stage": 0, "precision": "fp32"},
+        "deepspeed": {"stage": stage, "precision": "fp32"},
         "train": {"epochs": args.epochs, "batch_size": batch, "eval_batch_size": 64,
                   "lr": lr_of(args, method), "warmup_ratio": args.warmup_ratio,
                   "weight_decay": args.weight_decay, "max_seq_len": args.max_seq_len,
-                  "log_every_steps": 1000},
+                  "log_every_steps": 1000, **grouping},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
                  "target_modules": ["query", "key", "value", "dense"]},
     })  # fmt: skip
+
+
+def default_window() -> int:
+    """rayft's default length-grouping window (8 until 2026-12-05, 50 since)."""
+    from rayft.config import TrainSection
+
+    return TrainSection.model_fields["group_by_length"].default
 
 
 def lr_of(args: argparse.Namespace, method: str) -> float:
@@ -116,7 +167,11 @@ def prepared_rows(raw: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def run_hf_trainer(
-    args: argparse.Namespace, method: str, rows: dict[str, list[dict[str, Any]]], out: str
+    args: argparse.Namespace,
+    method: str,
+    rows: dict[str, list[dict[str, Any]]],
+    out: str,
+    group_by_length: bool,
 ) -> dict[str, Any]:
     """Tokenize, load, train and predict with transformers' Trainer; wall time of it all."""
     import numpy as np
@@ -133,7 +188,7 @@ def run_hf_trainer(
     from rayft.config import resolve_path
 
     started = time.time()
-    path = resolve_path(MINILM)
+    path = resolve_path(model_path(args))
     tokenizer = AutoTokenizer.from_pretrained(path)
     labels = sorted({r["label"] for r in rows["train"]}, key=int)
 
@@ -166,6 +221,7 @@ def run_hf_trainer(
         weight_decay=args.weight_decay, max_grad_norm=1.0, lr_scheduler_type="linear",
         seed=42, use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )  # fmt: skip
     trainer = Trainer(
         model=model,
@@ -179,7 +235,8 @@ def run_hf_trainer(
     from sklearn.metrics import f1_score
 
     pred = np.argmax(predicted.predictions, axis=-1)
-    refs = np.asarray(dev["label"])
+    # In the predictions' order: with group_by_length the Trainer also reorders evaluation.
+    refs = np.asarray(predicted.label_ids)
     return {
         "wall_seconds": wall,
         "train_seconds": trained.metrics["train_runtime"],
@@ -207,10 +264,12 @@ def crossover(hf: dict[str, float], mine: dict[str, float]) -> float | None:
 def tables(summary: dict[str, Any]) -> str:
     """The summary as RESULTS.md's two tables: the comparison, and where rayft's fixed
     seconds went."""
+    grouped = any("hf_trainer_grouped" in block for block in summary.values())
     lines = [
         "| method | run | wall s | fixed s | train samples/s | dev accuracy | F1 | time ratio "
-        "| throughput ratio | accuracy diff | faster from (train samples) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| throughput ratio | accuracy diff | faster from (train samples) |"
+        + (" time vs grouped Trainer | throughput vs grouped Trainer |" if grouped else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if grouped else ""),
     ]
     phases: list[str] = []
     for method, block in summary.items():
@@ -224,7 +283,7 @@ def tables(summary: dict[str, Any]) -> str:
                 f"{f['accuracy']:.4f}",
                 f"{f['f1']:.4f}",
             ]
-            if name != "hf_trainer":
+            if name not in TRAINERS:
                 cross = f.get("crossover_train_samples")
                 cells += [
                     f"{f['vs_hf_trainer_time_ratio']:.2f}",
@@ -232,15 +291,20 @@ def tables(summary: dict[str, Any]) -> str:
                     f"{f['accuracy_difference']:+.4f}",
                     "never" if cross is None else f"{cross:,.0f}",
                 ]
+                if grouped:
+                    cells += [
+                        f"{f['vs_hf_trainer_grouped_time_ratio']:.2f}",
+                        f"{f['vs_hf_trainer_grouped_throughput_ratio']:.2f}",
+                    ]
                 phases += [k for k in f["timings"] if k not in phases]
             else:
-                cells += ["", "", "", ""]
+                cells += [""] * (6 if grouped else 4)
             lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", "| method | run | " + " | ".join(phases) + " |",
               "|---|---|" + "---|" * len(phases)]  # fmt: skip
     for method, block in summary.items():
         for name, f in block.items():
-            if name != "hf_trainer":
+            if name not in TRAINERS:
                 cells = [f"{f['timings'].get(k, 0.0):.1f}" for k in phases]
                 lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -265,8 +329,10 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--name", default="peer", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--model", default="minilm", choices=["minilm", "tiny"],
+                        help="tiny: a host-bound random BERT (see TINY), for throughput only")  # fmt: skip
     args = parser.parse_args()
-    if "hf_trainer" not in args.scenarios or len(args.scenarios) < 2:
+    if "hf_trainer" not in args.scenarios or not set(args.scenarios) - set(TRAINERS):
         parser.error("--scenarios: hf_trainer and at least one rayft run (the ratios need both)")
     args.work, _ = prepare_run(args.work, "peer")
 
@@ -291,8 +357,16 @@ def main() -> None:
                 out = os.path.join(args.work, f"{method}-{name}-{r}")
                 cpu = CpuCensus()
                 cpu.start()
-                if SCENARIOS[name] is None:
-                    figures = run_hf_trainer(args, method, rows, out)
+                if name in TRAINERS:
+                    import torch
+
+                    grouped, threads = TRAINERS[name]
+                    before = torch.get_num_threads()
+                    torch.set_num_threads(threads or before)
+                    try:
+                        figures = run_hf_trainer(args, method, rows, out, grouped)
+                    finally:
+                        torch.set_num_threads(before)
                 else:
                     cache = os.path.join(out, "cache")  # cold: its own data stage
                     raw = rayft_config(args, method, SCENARIOS[name], out, cache)
@@ -310,8 +384,16 @@ def main() -> None:
         keys = ("wall_seconds", "fixed_seconds", "samples_per_second", "accuracy", "f1")
         hf = {k: med("hf_trainer", k) for k in keys}
         block: dict[str, Any] = {"hf_trainer": hf}
-        for name in [n for n in names if n != "hf_trainer"]:
+        others = [n for n in TRAINERS if n in names and n != "hf_trainer"]
+        for other in others:
+            block[other] = {k: med(other, k) for k in keys}
+        for name in [n for n in names if n not in TRAINERS]:
             mine = {k: med(name, k) for k in keys}
+            for other in others:  # e.g. against the Trainer batching by length as rayft does
+                mine[f"vs_{other}_time_ratio"] = mine["wall_seconds"] / block[other]["wall_seconds"]
+                mine[f"vs_{other}_throughput_ratio"] = (
+                    mine["samples_per_second"] / block[other]["samples_per_second"]
+                )
             mine.update(
                 vs_hf_trainer_time_ratio=mine["wall_seconds"] / hf["wall_seconds"],
                 vs_hf_trainer_throughput_ratio=mine["samples_per_second"]
@@ -328,7 +410,9 @@ def main() -> None:
     result = {
         **environment(),
         "setup": {
-            "model": "all-MiniLM-L6-v2 (22.7M)",
+            "model": "all-MiniLM-L6-v2 (22.7M)"
+            if args.model == "minilm"
+            else {"random BERT, MiniLM's tokenizer": TINY},
             "methods": args.methods,
             "train_rows_requested": args.rows,
             "train_rows_kept": len(rows["train"]),
@@ -341,11 +425,14 @@ def main() -> None:
             "weight_decay": args.weight_decay,
             "max_seq_len": args.max_seq_len,
             "ray_start_seconds": ray_start,
-            "rayft": "ZeRO stage 0, fp32; rayft_1x2 = 1 worker x 2 CPUs (batch 32), "
-            "rayft_2x1 = 2 workers x 1 CPU (batch 16 each); local shuffle and "
-            "group_by_length 8 (rayft's defaults); wall = fit() + Ray start, "
+            "rayft": "ZeRO stage 0 (rayft_1x2_zero2: stage 2), fp32; rayft_1x2 = 1 worker "
+            "x 2 CPUs (batch 32), rayft_2x1 = 2 workers x 1 CPU (batch 16 each); local shuffle and "
+            f"group_by_length {default_window()} (rayft's defaults; *_group50: 50); "
+            "wall = fit() + Ray start, "
             "cold data stage",
-            "hf_trainer": "transformers Trainer in this process, random sampler, "
+            "hf_trainer": "transformers Trainer in this process, random sampler "
+            "(hf_trainer_grouped*: its train_sampling_strategy 'group_by_length'; "
+            "*_1cpu: 1 torch thread), "
             "DataCollatorWithPadding; wall = tokenize + load + train + predict",
         },  # fmt: skip
         "summary": summary,

@@ -377,10 +377,11 @@ class TrainSection(_Section):
         None, ge=1, description="Also evaluate every N optimizer steps (default: each epoch)."
     )
     group_by_length: int = Field(
-        8,
+        50,
         ge=0,
         description="Sort rows by length within windows of this many micro-batches, then "
-        "shuffle the batches: far less padding, same randomness across windows (0 = off). "
+        "shuffle the batches: far less padding, same randomness across windows (0 = off; "
+        "50 is also the Trainer's megabatch of transformers' length-grouped sampler). "
         "Evaluation batches are grouped the same way.",
     )
     log_every_steps: int = Field(10, ge=1, description="Console progress line every N steps.")

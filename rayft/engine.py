@@ -94,13 +94,10 @@ def initialize(
         raise ValueError("no trainable parameters: the method froze everything")
     optimizer = None
     if "optimizer" not in conf:
-        # torch's AdamW: no op to compile, fused kernels on CUDA. On CPU torch would pick
-        # its per-tensor loop; the multi-tensor one steps MiniLM in 91 ms instead of 113
-        # (2 threads; benchmarks/RESULTS.md, Overhead).
-        fused = cfg.scaling.use_gpu and torch.cuda.is_available()
-        optimizer = torch.optim.AdamW(
-            groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused, foreach=not fused
-        )
+        # torch's fused AdamW (one kernel per step over every tensor), on CPU as on CUDA;
+        # nothing to compile. torch picks it by itself on neither: on CPU its default is a
+        # per-tensor loop, several times slower (benchmarks/RESULTS.md, "The optimizer").
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
     else:
         conf["optimizer"]["params"]["lr"] = lr
     schedule = lr_lambda(cfg, total_steps)

@@ -227,15 +227,17 @@ def test_pickled_weights_are_not_executed(tmp_path, tiny_model):
     assert not target.exists()
 
 
-def test_cpu_adamw_is_the_multi_tensor_one_and_steps_like_the_loop(process_group, tiny_model):
-    """On CPU rayft asks torch for its multi-tensor (foreach) AdamW, which torch only picks
-    by itself on GPUs; three steps match the per-tensor loop's to float rounding."""
+def test_cpu_adamw_is_the_fused_one_and_steps_like_the_loop(process_group, tiny_model):
+    """On CPU rayft asks torch for its fused AdamW, which torch picks by itself nowhere;
+    three steps match its per-tensor loop's (its CPU default) to float rounding: within
+    1e-5, a thousandth of one step's update at this lr (1e-2); the two order the
+    arithmetic differently."""
     weights, initial = [], None
-    for foreach in (True, False):
+    for fused in (True, False):
         engine, _ = build_engine(tiny_model, stage=0)
-        assert all(group["foreach"] is True for group in engine.optimizer.param_groups)
+        assert all(group["fused"] is True for group in engine.optimizer.param_groups)
         for group in engine.optimizer.param_groups:
-            group["foreach"] = foreach
+            group["fused"], group["foreach"] = fused, False
         if initial is None:
             initial = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         for seed in range(3):
@@ -245,7 +247,7 @@ def test_cpu_adamw_is_the_multi_tensor_one_and_steps_like_the_loop(process_group
     assert weights[0].keys() == weights[1].keys()
     assert any(not torch.equal(weights[0][k], initial[k]) for k in initial)  # it trained
     for name, tensor in weights[0].items():
-        torch.testing.assert_close(tensor, weights[1][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tensor, weights[1][name], rtol=1e-5, atol=1e-5)
 
 
 def test_single_rank_stage0_skips_the_all_reduce_and_trains_the_same(process_group, tiny_model):
