@@ -301,7 +301,7 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         deepspeed={"stage": "auto"},
         train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
         checkpoint={"every_steps": 1, "keep": 20},
-        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.05,
+        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.2,
               "baselines": ["pretrained"]},
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
@@ -314,12 +314,13 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     metrics = json.loads((out / "metrics.json").read_text())
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
-    assert forgetting["ratio"] > 1.05 and forgetting["after"] > forgetting["before"]
+    assert forgetting["ratio"] > 1.2 and forgetting["after"] > forgetting["before"]
     steps = history(out)
-    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.05
+    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.2
     # The selected checkpoint: the lowest eval loss among those within the limit (the
-    # first steps still are), although the run ended over it.
-    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.05]
+    # first step still is: about 1.11 here, where later steps run at 1.5-1.6), although
+    # the run ended over it.
+    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.2]
     assert within, [(h["step"], h["forgetting_ratio"], h["eval_loss"]) for h in steps]
     selected = metrics["selected_checkpoint"]
     best = min(within, key=lambda h: h["eval_loss"])
