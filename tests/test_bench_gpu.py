@@ -101,11 +101,13 @@ def test_tables_render_every_part_and_failed_points(tmp_path: Path) -> None:
         "peer": {"models": {"bert-base": [
             {"runner": "hf_trainer", "wall_seconds": 60.0, "train_seconds": 40.0,
              "samples_per_second": 1700.0, "accuracy": 0.8},
+            {"runner": "hf_trainer_grouped", "wall_seconds": 50.0, "train_seconds": 30.0,
+             "samples_per_second": 2000.0, "accuracy": 0.79},
             {"runner": "rayft (ZeRO-0)", "wall_seconds": 70.0, "train_seconds": 35.0,
-             "samples_per_second": 1900.0, "accuracy": 0.81,
-             "vs_hf_trainer_throughput_ratio": 1.12, "vs_hf_trainer_time_ratio": 1.17},
+             "samples_per_second": 1900.0, "accuracy": 0.81},
         ]}},
     }  # fmt: skip
+    bench.add_peer_ratios(results["peer"]["models"]["bert-base"])
     for name, value in results.items():
         (tmp_path / f"gpu_{name}.json").write_text(json.dumps(value))
     text = bench.tables(str(tmp_path))
@@ -113,4 +115,11 @@ def test_tables_render_every_part_and_failed_points(tmp_path: Path) -> None:
     # MFU of the full point: 400 / 989.4 and 400 / 800.
     assert "| full | ZeRO-2 | off | 4 | 50000 | 400 | 40.4% | 50.0% | 60 | 10.40 -> 3.20 |" in text
     assert "OutOfMemoryError" in text
-    assert "| bert-base | rayft (ZeRO-0) |" in text and "1.12" in text
+    # rayft against each Trainer: 1900 / 1700 samples/s, 70 / 60 s; 1900 / 2000, 70 / 50.
+    assert (
+        "| bert-base | rayft (ZeRO-0) | 70 | 35 | 1900 | 0.81 | 1.12 | 1.17 | 0.95 | 1.4 |" in text
+    )
+    figures = bench.summary(str(tmp_path))
+    assert figures["bert-base_zero0_vs_hf_trainer_grouped_throughput_ratio"] == 0.95
+    assert figures["bert-base_zero0_vs_hf_trainer_time_ratio"] == pytest.approx(70 / 60)
+    assert figures["bert-base_zero0_accuracy_minus_hf_trainer_grouped"] == pytest.approx(0.02)

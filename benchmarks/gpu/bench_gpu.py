@@ -16,7 +16,8 @@ Parts (each in its own process, so one part's GPU memory never shadows the next)
   packing Dolly to 2048 tokens, a Ray Train GPU worker): its steady tokens/s against the
   sweep's bare engine figure for the same setting.
 - ``peer``: BERT-base and MiniLM-L6 (random weights, same shapes) on all of SST-2 train,
-  one epoch, batch 32: rayft against the Hugging Face ``Trainer`` on the same GPU.
+  one epoch, batch 32: rayft against the Hugging Face ``Trainer`` on the same GPU, the
+  Trainer both at its defaults and grouping rows by length (as rayft does by default).
 
 MFU = tokens/s x FLOPs per token / peak. Full fine-tuning: 6N + 12·L·d·s per token (N: all
 parameters but the input embedding table; the attention term counts the full s x s
@@ -59,6 +60,7 @@ DOLLY = os.path.join(SHARED, "data", "instruct", "dolly_hhrlhf_train_small.jsonl
 SST2 = os.path.join(SHARED, "data", "sst2")
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 PARTS = ("env", "peak", "check", "sweep", "e2e", "peer")
+PEER_TRAINERS = ("hf_trainer", "hf_trainer_grouped")  # the Trainer's runs in `peer`
 
 # ~1.1B parameters: TinyLlama-1.1B's shape (22 layers, d 2048, MLP 5632, 32 heads, 4 KV).
 LLAMA_1B = dict(
@@ -598,7 +600,11 @@ def sst2_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return read("train.tsv", args.peer_rows), read("dev.tsv", None)
 
 
-def hf_trainer_run(args: argparse.Namespace, model_dir: str, train: list, dev: list) -> dict:
+def hf_trainer_run(
+    args: argparse.Namespace, model_dir: str, train: list, dev: list, grouped: bool
+) -> dict:
+    """The Trainer at its defaults (random sampler) or, ``grouped``, batching rows of similar
+    length together (its ``group_by_length`` sampler) as rayft does by default."""
     import numpy as np
     import torch
     from datasets import Dataset
@@ -627,9 +633,10 @@ def hf_trainer_run(args: argparse.Namespace, model_dir: str, train: list, dev: l
         bf16=bf16, optim="adamw_torch_fused" if cuda() else "adamw_torch", seed=42,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         dataloader_num_workers=2, dataloader_pin_memory=cuda(), disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if grouped else "random",
     )  # fmt: skip
 
-    def metrics(prediction: Any) -> dict:
+    def metrics(prediction: Any) -> dict:  # label_ids: grouping reorders evaluation too
         return {"accuracy": float((np.argmax(prediction.predictions, -1) ==
                                    prediction.label_ids).mean())}  # fmt: skip
 
@@ -645,7 +652,7 @@ def hf_trainer_run(args: argparse.Namespace, model_dir: str, train: list, dev: l
     if cuda():
         torch.cuda.empty_cache()
     return {
-        "runner": "hf_trainer",
+        "runner": "hf_trainer_grouped" if grouped else "hf_trainer",
         "wall_seconds": wall,
         "fixed_seconds": wall - out.metrics["train_runtime"],
         "train_seconds": out.metrics["train_runtime"],
@@ -691,6 +698,20 @@ def rayft_run(args: argparse.Namespace, model_dir: str, name: str, stage: int) -
     }
 
 
+def add_peer_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each rayft run against each Trainer run of the same model, in place:
+    ``vs_hf_trainer_throughput_ratio``, ``vs_hf_trainer_grouped_time_ratio``, ..."""
+    trainers = [r for r in runs if r["runner"] in PEER_TRAINERS]
+    for run in runs:
+        if run["runner"] in PEER_TRAINERS:
+            continue
+        for hf in trainers:
+            key = hf["runner"]
+            run[f"vs_{key}_throughput_ratio"] = run["samples_per_second"] / hf["samples_per_second"]
+            run[f"vs_{key}_time_ratio"] = run["wall_seconds"] / hf["wall_seconds"]
+            run[f"accuracy_minus_{key}"] = run["accuracy"] - hf["accuracy"]
+
+
 def part_peer(args: argparse.Namespace) -> dict[str, Any]:
     train, dev = sst2_rows(args)
     if args.peer_rows:  # a subset: written as a file rayft reads like any other
@@ -701,18 +722,14 @@ def part_peer(args: argparse.Namespace) -> dict[str, Any]:
     models = {}
     for name in args.peer_models:
         model_dir = encoder_dir(args, name)
-        runs = [hf_trainer_run(args, model_dir, train, dev)]
-        log(f"peer {name}: {json.dumps(runs[-1])}")
+        runs = []
+        for grouping in args.peer_trainers:
+            runs.append(hf_trainer_run(args, model_dir, train, dev, grouping == "grouped"))
+            log(f"peer {name}: {json.dumps(runs[-1])}")
         for stage in args.peer_stages:
             runs.append(rayft_run(args, model_dir, name, stage))
             log(f"peer {name}: {json.dumps(runs[-1])}")
-        hf = runs[0]
-        for run in runs[1:]:
-            run["vs_hf_trainer_throughput_ratio"] = (
-                run["samples_per_second"] / hf["samples_per_second"]
-            )
-            run["vs_hf_trainer_time_ratio"] = run["wall_seconds"] / hf["wall_seconds"]
-            run["accuracy_minus_hf"] = run["accuracy"] - hf["accuracy"]
+        add_peer_ratios(runs)
         models[name] = runs
         write(args.out, "gpu_peer_partial", models)
     return {"train_rows": len(train), "dev_rows": len(dev), "models": models}
@@ -812,12 +829,13 @@ def tables(out: str) -> str:
                 rows.append([
                     model, r["runner"], r["wall_seconds"], r["train_seconds"],
                     round(r["samples_per_second"]), r["accuracy"],
-                    r.get("vs_hf_trainer_throughput_ratio", "-"),
-                    r.get("vs_hf_trainer_time_ratio", "-"),
+                    *(r.get(f"vs_{hf}_{kind}_ratio", "-") for hf in PEER_TRAINERS
+                      for kind in ("throughput", "time")),
                 ])  # fmt: skip
         parts.append(markdown(
             ["model", "runner", "wall s", "train s", "samples/s", "dev accuracy",
-             "throughput vs HF", "wall time vs HF"], rows,
+             "throughput vs HF", "wall time vs HF", "throughput vs HF grouped",
+             "wall time vs HF grouped"], rows,
         ))  # fmt: skip
     return "\n\n".join(parts)
 
@@ -872,12 +890,13 @@ def summary(out: str) -> dict[str, Any]:
         result["e2e_vs_bare_engine_ratio"] = steady / real
     if peer:
         for model, runs in peer["models"].items():
-            for run in runs[1:]:
-                result[f"{model}_vs_hf_trainer_throughput_ratio"] = run[
-                    "vs_hf_trainer_throughput_ratio"
-                ]
-                result[f"{model}_vs_hf_trainer_time_ratio"] = run["vs_hf_trainer_time_ratio"]
-                result[f"{model}_accuracy_minus_hf"] = run["accuracy_minus_hf"]
+            for run in runs:
+                if run["runner"] in PEER_TRAINERS:
+                    continue
+                stage = run["runner"].split("ZeRO-")[-1].rstrip(")")
+                for key, value in run.items():
+                    if key.startswith(("vs_hf_", "accuracy_minus_")):
+                        result[f"{model}_zero{stage}_{key}"] = value
     return result
 
 
@@ -911,6 +930,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-models", nargs="+", default=["bert-base", "minilm"])
     parser.add_argument("--peer-stages", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--peer-rows", type=int, default=None, help="first N train rows")
+    parser.add_argument(
+        "--peer-trainers", nargs="+", choices=["default", "grouped"],
+        default=["default", "grouped"], help="the Trainer's samplers: random, by length",
+    )  # fmt: skip
     parser.add_argument("--peer-seq", type=int, default=128)
     parser.add_argument("--peer-lr", type=float, default=5e-5)
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
