@@ -29,6 +29,8 @@ from bench_overhead import (
     write_result,
 )
 
+from rayft.config import TrainSection
+
 PUBLISHED_ACCURACY = 0.915  # MiniLM-L6-H384 on SST-2 dev, all 67k train rows (published)
 METHODS = ("full", "lora", "frozen", "two_stage")
 
@@ -57,7 +59,8 @@ def rayft_config(args: argparse.Namespace, method: str, out: str) -> dict[str, A
         "scaling": {"num_workers": args.workers, "cpus_per_worker": 1},
         "deepspeed": {"stage": 2},
         "train": {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
-                  "warmup_ratio": 0.1, "log_every_steps": 1000},
+                  "warmup_ratio": 0.1,
+            "group_by_length": TrainSection.model_fields["group_by_length"].default, "log_every_steps": 1000},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
                  "target_modules": ["query", "key", "value", "dense"]},
     })  # fmt: skip
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--name", default="quality", help="results/<name>.json")
     args = parser.parse_args()
     if args.epochs < 2 and "two_stage" in args.methods:
         parser.error("--epochs must be at least 2: two_stage spends one on the head alone")
@@ -143,6 +147,7 @@ def main() -> None:
             "batch_size_per_worker": args.batch_size,
             "max_seq_len": args.max_seq_len,
             "warmup_ratio": 0.1,
+            "group_by_length": TrainSection.model_fields["group_by_length"].default,
             "lora": "r 16, alpha 32, dropout 0.05, query/key/value/dense",
             "published_accuracy": PUBLISHED_ACCURACY,
             "ray_start_seconds": ray_start,
@@ -150,7 +155,7 @@ def main() -> None:
         "summary": summary,
         "runs": results,
     }
-    path = write_result("quality", result)
+    path = write_result(args.name, result)
     print("\n| method | lr | steps | dev accuracy | macro F1 | gap to 91.5 | wall s |")
     print("|---|---|---|---|---|---|---|")
     for m, r in results.items():
