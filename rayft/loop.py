@@ -514,10 +514,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             for batch in batches:
                 if micro_done >= plan.micro_per_epoch:
                     break  # never more than the agreed count: ranks stay in step
-                data_seconds += time.perf_counter() - waited
-                if micro_done < skip_micro:
+                if micro_done < skip_micro:  # resuming: neither training nor waiting
                     micro_done += 1
+                    tick = waited = time.perf_counter()
                     continue
+                data_seconds += time.perf_counter() - waited
                 if ledger is not None:  # the step this micro-batch's gradient goes into
                     ledger.add(step + 1, phase_index, epoch, batch)
                 for name in PROVENANCE:

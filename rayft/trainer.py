@@ -294,6 +294,24 @@ def default_run_name(cfg: RayftConfig) -> str:
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that a local ray.init starts
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller
 RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # the job's config, set by `ray job submit`
+
+
+def runtime_env() -> dict[str, Any]:
+    """The job's runtime env: rayft's variables, and the cluster's address when this
+    driver was given one (`ray job submit` sets it). Ray Train's placement-group cleaner,
+    an actor of the job, finds its cluster from it: without it, on a machine running a
+    second Ray instance, the cleaner fails and the worker groups of runs that Tune
+    stops (ASHA, PBT's exploits) keep their CPUs, so later trials wait for workers
+    forever. Variables the job already sets are left to it (Ray refuses the same key
+    twice); a Ray Client address (ray://) means nothing to a worker and is not passed."""
+    env_vars = dict(RUNTIME_ENV["env_vars"])
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and "://" not in address:
+        env_vars["RAY_ADDRESS"] = address
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    already = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {"env_vars": {k: v for k, v in env_vars.items() if k not in already}}
 
 
 def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> None:
@@ -305,10 +323,10 @@ def init_ray(cfg: RayftConfig, trials: int = 1, driver_cpus: float = 0.0) -> Non
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=RUNTIME_ENV)
+        ray.init(runtime_env=runtime_env())
         return
     try:
-        ray.init(address="auto", runtime_env=RUNTIME_ENV)
+        ray.init(address="auto", runtime_env=runtime_env())
         return
     except ConnectionError:
         pass

@@ -188,3 +188,5 @@ def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
         assert len(seen) == 95 and set(seen.values()) == {1}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 12 and metrics["train_samples"] == 12 * 16
+    # The skipped micro-batches count as neither training nor waiting for data.
+    assert 0 <= metrics["data_wait_fraction"] < 0.5, metrics

@@ -110,6 +110,30 @@ def test_trials_of_one_worker_given_a_zero_stage_get_the_note():
     assert trial_zero_notes(validate_config(raw)) == []  # the launch advice says it once
 
 
+def test_a_job_passes_its_cluster_address_to_its_actors(monkeypatch):
+    """Ray Train's placement-group cleaner looks its cluster up from RAY_ADDRESS; where a
+    machine runs two Ray instances it fails without it, and the worker groups of the
+    trials Tune stops keep their CPUs (the PBT test below waited forever for workers)."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from rayft.trainer import JOB_CONFIG_ENV, runtime_env
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert runtime_env() == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # what `ray job submit` gives a driver
+    assert runtime_env()["env_vars"]["RAY_ADDRESS"] == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")  # Ray Client: not for workers
+    assert "RAY_ADDRESS" not in runtime_env()["env_vars"]
+    # A job that sets a variable itself keeps it, and Ray merges the two envs.
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    job_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "true", "HF_HOME": "/data"}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": job_env}))
+    assert runtime_env() == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
+    merged = _merge_runtime_env(job_env, runtime_env())
+    assert merged["env_vars"] == {**job_env["env_vars"], "RAY_ADDRESS": "10.0.0.5:6379"}
+
+
 def free_port() -> int:
     import socket
 
@@ -306,7 +330,7 @@ def test_pbt_restarts_a_trailing_trial_from_a_better_ones_checkpoint(
     # Its learning rate is now the good one's times 0.8 or 1.2 (once per exploit).
     lr = float(exploited["train.lr"])
     assert abs(math.log(lr / GOOD_LR)) < 3 * math.log(1.25), exploited
-    good_dir = f"trials/{trials['00000']['trial_id']}/ray/"
+    good_dir = f"/trials/{trials['00000']['trial_id']}/"  # under the search's storage_path
     assert f"trial {exploited['trial_id']}: continuing from" in pbt_logs
     assert any(
         line.split("continuing from")[-1].find(good_dir) >= 0
