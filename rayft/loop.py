@@ -686,6 +686,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     timings.add("worker", time.perf_counter() - fn_started)
     final_extra["timings"] = timings.as_dict()
     metrics.update(final_extra)
+    persist_started = time.perf_counter()  # Ray copies the final state to storage_path
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
+    if rank == 0:
+        say(f"final checkpoint copied to storage in {time.perf_counter() - persist_started:.1f} s")
     shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()

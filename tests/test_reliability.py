@@ -188,5 +188,8 @@ def test_driver_killed_then_resumed_past_a_truncated_checkpoint(
         assert len(seen) == 95 and set(seen.values()) == {1}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 12 and metrics["train_samples"] == 12 * 16
-    # The skipped micro-batches count as neither training nor waiting for data.
-    assert 0 <= metrics["data_wait_fraction"] < 0.5, metrics
+    # The skipped micro-batches count as neither training nor waiting for data: the wait
+    # is a part of the steps' time, so a fraction over 1 means the skip was counted (it
+    # read 6.6 before). Its size here is the tiny model's and the loaded machine's (0.53
+    # in one CI run: each epoch's first batch waits for the pipeline to start).
+    assert 0 <= metrics["data_wait_fraction"] <= 1, metrics
