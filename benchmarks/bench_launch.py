@@ -22,6 +22,7 @@ Three measurements, on a local Ray of this process's own:
    forwards the workers' lines with some delay, so the split is approximate).
 
     python benchmarks/bench_launch.py --repeats 4
+    python benchmarks/bench_launch.py --parts rayft --name launch_rayft   # rayft's part only
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ REQUESTED = "Requesting resources"
 STARTED = "Started training worker group"
 REPORTED = "Reporting training result"
 PLANNED = "rows per step"  # rayft's driver: the data stage is done
+COPIED = "final checkpoint copied to storage in "  # rank 0, after the final report
 # What the worker imports to run rayft's training function, in that order.
 IMPORTS = ["torch", "transformers.modeling_utils", "deepspeed", "peft", "ray.train.torch",
            "rayft.loop"]  # fmt: skip
@@ -146,11 +148,16 @@ def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, flo
             arrival(timeline, needle, started, last=needle == REPORTED)
             for needle in (PLANNED, REQUESTED, STARTED, REPORTED)
         )
+        copied = timeline.every(COPIED, started)
         found.append({
             "timings": timings,
             "data_ready_to_resources_requested_seconds": requested - planned,
             "resources_requested_to_group_started_seconds": begun - requested,
             "final_report_to_fit_returned_seconds": returned - reported,
+            # the worker's own measure of its final `ray.train.report` (the copy into
+            # storage_path): rayft's line since 2026-12-05, absent from older runs
+            "final_report_call_seconds": float(
+                copied[-1][1].split(COPIED)[1].split(" s")[0]) if copied else float("nan"),
         })  # fmt: skip
         print(f"rayft run {run}: launch {timings['launch']:.1f} s, " + ", ".join(
             f"{k} {v:.1f}" for k, v in found[-1].items() if k != "timings"), flush=True)  # fmt: skip
@@ -164,6 +171,13 @@ def main() -> None:
                         help=f"{POLL_ENV} values (seconds)")  # fmt: skip
     parser.add_argument("--rayft-runs", type=int, default=3, help="rayft runs measured")
     parser.add_argument("--name", default="launch", help="results: benchmarks/results/NAME.json")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["imports", "bare", "rayft"],
+        choices=["imports", "bare", "rayft"],
+        help="measurements to run",
+    )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rayft-bench-launch-")
     default = os.environ.get(POLL_ENV)
@@ -172,16 +186,71 @@ def main() -> None:
     timeline = Timeline(sys.stdout, keep=("[rayft]", REQUESTED, STARTED, REPORTED))
     sys.stdout = sys.stderr = timeline
 
-    found = imports(args.repeats)
-    print("imports, s: " + ", ".join(f"{k} {v:.2f}" for k, v in found["seconds"].items())
-          + f"; total {found['total_seconds']:.2f}", flush=True)  # fmt: skip
+    summary: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    if "imports" in args.parts:
+        found = imports(args.repeats)
+        summary["imports_seconds"] = found["total_seconds"]
+        print("imports, s: " + ", ".join(f"{k} {v:.2f}" for k, v in found["seconds"].items())
+              + f"; total {found['total_seconds']:.2f}", flush=True)  # fmt: skip
     start_ray(2 + 2)
-    bare: dict[str, list[dict[str, float]]] = {i: [] for i in args.intervals}
-    for repeat, interval in alternating(args.intervals, args.repeats):
+    bare: dict[str, list[dict[str, float]]] = {}
+    poll_cpu: dict[str, dict[str, Any]] = {}
+    if "bare" in args.parts:
+        bare, poll_cpu = bare_fits(work, args.intervals, args.repeats)
+        summary.update(bare_summary(bare, poll_cpu, args.intervals))
+    if default is None:
+        os.environ.pop(POLL_ENV, None)
+    else:
+        os.environ[POLL_ENV] = default
+    rayft: list[dict[str, Any]] = []
+    if "rayft" in args.parts:
+        rayft = rayft_launch(work, timeline, args.rayft_runs)
+        summary["rayft"] = {
+            key: median([r[key] for r in rayft]) for key in rayft[0] if key != "timings"
+        } | {f"{section}_seconds": median([r["timings"][section] for r in rayft])
+             for section in ("launch", "setup")}  # fmt: skip
+    path = write_result(args.name, {
+        **environment(),
+        "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
+                  "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats,
+                  "parts": args.parts},
+        "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
+        "rayft_runs": rayft,
+    })  # fmt: skip
+    if bare:
+        print(
+            "\n| poll interval | fit() to the function, s | function end to fit() return, s "
+            "| fit() in all, s | controller + worker CPU while training |\n|---|---|---|---|---|"
+        )
+        for i in args.intervals:
+            s = summary[f"poll_{i}s"]
+            print(f"| {i} s | {s['to_function_seconds']:.2f} | {s['after_function_seconds']:.2f} | "
+                  f"{s['fit_seconds']:.2f} | {s['train_controller_cpu_share'] + s['train_worker_cpu_share']:.2%} |")  # fmt: skip
+    if rayft:
+        r = summary["rayft"]
+        print(f"\nrayft (median of {len(rayft)}): launch {r['launch_seconds']:.1f} s = data ready "
+              f"-> resources requested {r['data_ready_to_resources_requested_seconds']:.1f} + "
+              f"-> worker group started {r['resources_requested_to_group_started_seconds']:.1f} + "
+              f"final report -> fit() returned {r['final_report_to_fit_returned_seconds']:.1f} "
+              f"(of which the worker's final report call {r['final_report_call_seconds']:.1f}) "
+              f"(+ the rest); setup {r['setup_seconds']:.1f} s")  # fmt: skip
+    if found:
+        print(f"the worker's imports: {found['total_seconds']:.2f} s")
+    print(path)
+
+
+def bare_fits(
+    work: str, intervals: list[str], repeats: int
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, Any]]]:
+    """`repeats` bare fits per poll interval, alternating, then each interval's CPU cost
+    while the worker sleeps."""
+    bare: dict[str, list[dict[str, float]]] = {i: [] for i in intervals}
+    for repeat, interval in alternating(intervals, repeats):
         bare[interval].append(bare_fit(work, interval, sleep=3.0 + 0.5 * repeat))
         print(f"repeat {repeat}, poll {interval} s: {bare[interval][-1]}", flush=True)
     poll_cpu: dict[str, dict[str, Any]] = {}
-    for interval in args.intervals:
+    for interval in intervals:
         cpu = CpuCensus(interval=1.0)
         cpu.start()
         times = bare_fit(work, interval, sleep=30.0)
@@ -196,54 +265,27 @@ def main() -> None:
         }
         print(f"poll {interval} s while the worker sleeps: " + ", ".join(
             f"{k} {v:.2%}" for k, v in poll_cpu[interval].items() if k != "roles"), flush=True)  # fmt: skip
-    if default is None:
-        os.environ.pop(POLL_ENV, None)
-    else:
-        os.environ[POLL_ENV] = default
-    rayft = rayft_launch(work, timeline, args.rayft_runs)
+    return bare, poll_cpu
 
-    summary = {
-        "imports_seconds": found["total_seconds"],
-        **{f"poll_{i}s": {
-            "to_function_seconds": median([b["to_function_seconds"] for b in bare[i]]),
-            "after_function_seconds": median([b["after_function_seconds"] for b in bare[i]]),
-            "fit_seconds": median([b["fit_seconds"] for b in bare[i]]),
-            "train_controller_cpu_share": poll_cpu[i]["train_controller_share"],
-            "train_worker_cpu_share": poll_cpu[i]["train_worker_share"],
-            "all_ray_cpu_share": poll_cpu[i]["all_ray_share"],
-        } for i in args.intervals},
-        "rayft": {key: median([r[key] for r in rayft])
-                  for key in rayft[0] if key != "timings"}
-                 | {f"{section}_seconds": median([r["timings"][section] for r in rayft])
-                    for section in ("launch", "setup")},
-    }  # fmt: skip
-    first = args.intervals[0]
-    for i in args.intervals[1:]:
+
+def bare_summary(
+    bare: dict[str, list[dict[str, float]]], poll_cpu: dict[str, dict[str, Any]],
+    intervals: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    summary = {f"poll_{i}s": {
+        "to_function_seconds": median([b["to_function_seconds"] for b in bare[i]]),
+        "after_function_seconds": median([b["after_function_seconds"] for b in bare[i]]),
+        "fit_seconds": median([b["fit_seconds"] for b in bare[i]]),
+        "train_controller_cpu_share": poll_cpu[i]["train_controller_share"],
+        "train_worker_cpu_share": poll_cpu[i]["train_worker_share"],
+        "all_ray_cpu_share": poll_cpu[i]["all_ray_share"],
+    } for i in intervals}  # fmt: skip
+    first = intervals[0]
+    for i in intervals[1:]:
         summary[f"poll_{i}s"][f"fit_time_ratio_vs_poll_{first}s"] = (
             summary[f"poll_{i}s"]["fit_seconds"] / summary[f"poll_{first}s"]["fit_seconds"]
         )
-    path = write_result(args.name, {
-        **environment(),
-        "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
-                  "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats},
-        "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
-        "rayft_runs": rayft,
-    })  # fmt: skip
-    print(
-        "\n| poll interval | fit() to the function, s | function end to fit() return, s "
-        "| fit() in all, s | controller + worker CPU while training |\n|---|---|---|---|---|"
-    )
-    for i in args.intervals:
-        s = summary[f"poll_{i}s"]
-        print(f"| {i} s | {s['to_function_seconds']:.2f} | {s['after_function_seconds']:.2f} | "
-              f"{s['fit_seconds']:.2f} | {s['train_controller_cpu_share'] + s['train_worker_cpu_share']:.2%} |")  # fmt: skip
-    r = summary["rayft"]
-    print(f"\nrayft (median of {len(rayft)}): launch {r['launch_seconds']:.1f} s = data ready "
-          f"-> resources requested {r['data_ready_to_resources_requested_seconds']:.1f} + "
-          f"-> worker group started {r['resources_requested_to_group_started_seconds']:.1f} + "
-          f"final report -> fit() returned {r['final_report_to_fit_returned_seconds']:.1f} "
-          f"(+ the rest); setup {r['setup_seconds']:.1f} s")  # fmt: skip
-    print(f"the worker's imports: {found['total_seconds']:.2f} s; {path}")
+    return summary
 
 
 if __name__ == "__main__":
