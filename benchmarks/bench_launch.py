@@ -57,6 +57,7 @@ STARTED = "Started training worker group"
 REPORTED = "Reporting training result"
 PLANNED = "rows per step"  # rayft's driver: the data stage is done
 COPIED = "final checkpoint copied to storage in "  # rank 0, after the final report
+CLEANUP = "worker clean-up "  # on the same line: the engine destroyed, scratch removed
 # What the worker imports to run rayft's training function, in that order.
 IMPORTS = ["torch", "transformers.modeling_utils", "deepspeed", "peft", "ray.train.torch",
            "rayft.loop"]  # fmt: skip
@@ -120,6 +121,14 @@ def arrival(timeline: Timeline, needle: str, since: float, *, last: bool = False
     return hits[-1 if last else 0][0]
 
 
+def seconds_after(lines: list[tuple[float, str]], label: str) -> float:
+    """The seconds rayft's last line among ``lines`` gives after ``label`` (NaN without
+    one: runs before 2026-12-05 did not say them)."""
+    if not lines or label not in lines[-1][1]:
+        return float("nan")
+    return float(lines[-1][1].split(label)[1].split(" s")[0])
+
+
 def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, float]]:
     """``runs`` rayft runs of a 4-step job on the local Ray, after one that warms the data
     cache; each one's timings and the seconds between the lines that split its launch."""
@@ -156,8 +165,8 @@ def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, flo
             "final_report_to_fit_returned_seconds": returned - reported,
             # the worker's own measure of its final `ray.train.report` (the copy into
             # storage_path): rayft's line since 2026-12-05, absent from older runs
-            "final_report_call_seconds": float(
-                copied[-1][1].split(COPIED)[1].split(" s")[0]) if copied else float("nan"),
+            "final_report_call_seconds": seconds_after(copied, COPIED),
+            "worker_cleanup_seconds": seconds_after(copied, CLEANUP),
         })  # fmt: skip
         print(f"rayft run {run}: launch {timings['launch']:.1f} s, " + ", ".join(
             f"{k} {v:.1f}" for k, v in found[-1].items() if k != "timings"), flush=True)  # fmt: skip
@@ -233,7 +242,8 @@ def main() -> None:
               f"-> resources requested {r['data_ready_to_resources_requested_seconds']:.1f} + "
               f"-> worker group started {r['resources_requested_to_group_started_seconds']:.1f} + "
               f"final report -> fit() returned {r['final_report_to_fit_returned_seconds']:.1f} "
-              f"(of which the worker's final report call {r['final_report_call_seconds']:.1f}) "
+              f"(the worker's final report call {r['final_report_call_seconds']:.1f}, its clean-up "
+              f"{r['worker_cleanup_seconds']:.1f}) "
               f"(+ the rest); setup {r['setup_seconds']:.1f} s")  # fmt: skip
     if found:
         print(f"the worker's imports: {found['total_seconds']:.2f} s")

@@ -688,7 +688,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     metrics.update(final_extra)
     persist_started = time.perf_counter()  # Ray copies the final state to storage_path
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
-    if rank == 0:
-        say(f"final checkpoint copied to storage in {time.perf_counter() - persist_started:.1f} s")
+    persisted = time.perf_counter()
     shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()
+    if rank == 0:
+        say(
+            f"final checkpoint copied to storage in {persisted - persist_started:.1f} s, "
+            f"worker clean-up {time.perf_counter() - persisted:.1f} s"
+        )
