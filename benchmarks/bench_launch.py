@@ -189,7 +189,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rayft-bench-launch-")
-    default = os.environ.get(POLL_ENV)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Ray Train's lines reach the driver on stderr, rayft's on stdout: both are timed.
     timeline = Timeline(sys.stdout, keep=("[rayft]", REQUESTED, STARTED, REPORTED))
@@ -208,10 +207,6 @@ def main() -> None:
     if "bare" in args.parts:
         bare, poll_cpu = bare_fits(work, args.intervals, args.repeats)
         summary.update(bare_summary(bare, poll_cpu, args.intervals))
-    if default is None:
-        os.environ.pop(POLL_ENV, None)
-    else:
-        os.environ[POLL_ENV] = default
     rayft: list[dict[str, Any]] = []
     if "rayft" in args.parts:
         rayft = rayft_launch(work, timeline, args.rayft_runs)
@@ -255,6 +250,7 @@ def bare_fits(
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, Any]]]:
     """`repeats` bare fits per poll interval, alternating, then each interval's CPU cost
     while the worker sleeps."""
+    default = os.environ.get(POLL_ENV)  # bare_fit sets it; rayft's runs get it back
     bare: dict[str, list[dict[str, float]]] = {i: [] for i in intervals}
     for repeat, interval in alternating(intervals, repeats):
         bare[interval].append(bare_fit(work, interval, sleep=3.0 + 0.5 * repeat))
@@ -275,6 +271,10 @@ def bare_fits(
         }
         print(f"poll {interval} s while the worker sleeps: " + ", ".join(
             f"{k} {v:.2%}" for k, v in poll_cpu[interval].items() if k != "roles"), flush=True)  # fmt: skip
+    if default is None:
+        os.environ.pop(POLL_ENV, None)
+    else:
+        os.environ[POLL_ENV] = default
     return bare, poll_cpu
 
 
