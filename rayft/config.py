@@ -240,7 +240,8 @@ class DataConfig(_Section):
     packing: bool = Field(
         False,
         description="causal_lm: pack several examples into each `train.max_seq_len` "
-        "sequence; attention stays within each example (positions restart, no attention "
+        "sequence (longest first, each into the fullest sequence with room: best fit "
+        "decreasing); attention stays within each example (positions restart, no attention "
         "mask), which the run checks the model honours before training.",
     )
     add_eos: bool = Field(

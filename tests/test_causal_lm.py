@@ -181,6 +181,25 @@ def test_packing_restarts_positions_and_never_targets_an_examples_first_token():
     assert out["labels"][0].tolist()[::4] == [-100] * 3  # "a" of each: no context in its example
 
 
+def test_packing_fills_sequences_best_fit_decreasing():
+    # In order 6 | 5 4 | 5 takes three sequences of 10; 6 + 4 and 5 + 5 take two.
+    assert lm.pack([6, 5, 4, 5], 10) == [[0, 2], [1, 3]]
+    assert lm.pack([5, 4, 3, 6, 2], 8) == [[0, 2], [1], [3, 4]]  # 6 + 2, 5 + 3, 4
+    assert lm.pack([], 8) == []
+    rng = random.Random(0)
+    for limit in (16, 64, 256):
+        lengths = [rng.randint(1, limit) for _ in range(500)]
+        sequences = lm.pack(lengths, limit)
+        assert sorted(r for rows in sequences for r in rows) == list(range(500))  # each once
+        assert all(sum(lengths[r] for r in rows) <= limit for rows in sequences)
+        assert sequences == sorted(sequences) and all(rows == sorted(rows) for rows in sequences)
+        in_order, used = 1, 0
+        for n in lengths:
+            in_order, used = (in_order + 1, n) if used + n > limit else (in_order, used + n)
+        assert math.ceil(sum(lengths) / limit) <= len(sequences) < in_order
+        assert lm.pack(lengths, limit) == sequences  # the same on every run
+
+
 def test_perplexity_is_the_exponential_of_the_mean_token_loss():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3.0)  # p(token 2) = 3 / 6 = 0.5 at position 0

@@ -4,13 +4,14 @@ A row is a conversation: prompt / response, instruction (+ input) / output, or a
 chat messages. It is written out with the tokenizer's chat template when it has one (see
 `data.chat_template`), else with `data.prompt_template`, and tokenized piece by piece so
 that only the response (every assistant turn) is trained on: prompt tokens get the label
--100. With `data.packing`, consecutive examples share a sequence; their positions restart
+-100. With `data.packing`, several examples share a sequence (`pack`); their positions restart
 at 0 and no attention mask is passed, which transformers reads as separate sequences (the
 run checks the model really keeps them apart before it trains). Reported: eval loss and
 perplexity over response tokens; a few greedy generations are saved at the end."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from typing import Any
@@ -198,7 +199,7 @@ def tokenize(
     batch: dict[str, np.ndarray], tokenizer: Any, cfg: RayftConfig, label2id: dict[str, int]
 ) -> dict[str, Any]:
     """Rows -> sequences: one per row, or with `data.packing` as many rows as fit in each
-    (greedily, in order, within this batch); `_row` names a sequence's first row."""
+    (`pack`, within this batch); `_row` names a sequence's first row."""
     encoded = [encode(json.loads(m), tokenizer, cfg) for m in batch["messages"]]
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": [], "_row": []}
 
@@ -219,17 +220,33 @@ def tokenize(
         for r in range(len(encoded)):
             emit([r])
     else:
-        limit, current, length = max_tokens(cfg), [], 0
-        for r, (ids, _) in enumerate(encoded):
-            if current and length + len(ids) > limit:
-                emit(current)
-                current, length = [], 0
-            current.append(r)
-            length += len(ids)
-        if current:
-            emit(current)
+        for rows in pack([len(ids) for ids, _ in encoded], max_tokens(cfg)):
+            emit(rows)
     out["_row"] = np.asarray(out["_row"], dtype=np.int64)
     return out
+
+
+def pack(lengths: list[int], limit: int) -> list[list[int]]:
+    """Rows (by index) into sequences of at most ``limit`` tokens, best fit decreasing:
+    longest row first, each into the fullest sequence that still has room for it. Packing
+    rows in their order instead closes a sequence at the first row that does not fit,
+    which left Dolly's windows 78% full at 256 tokens (91% at 2,048) against 98-99% this
+    way, so an epoch is 20% (9%) fewer steps (benchmarks/RESULTS.md, Packing). Ties keep
+    row order, so the result is the same on every run; sequences come in the order of
+    their first rows, each listing its rows in order."""
+    order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
+    sequences: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, sequence), ascending
+    for r in order:
+        at = bisect.bisect_left(room, (lengths[r], -1))  # the tightest sequence it fits
+        if at < len(room):
+            free, index = room.pop(at)
+            sequences[index].append(r)
+        else:
+            free, index = limit, len(sequences)
+            sequences.append([r])
+        bisect.insort(room, (free - lengths[r], index))
+    return sorted(sorted(rows) for rows in sequences)
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
