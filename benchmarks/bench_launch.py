@@ -19,10 +19,13 @@ Three measurements, on a local Ray of this process's own:
 4. `rayft`: rayft runs of a 4-step MiniLM job (after one run that warms the data cache),
    their `launch` taken apart by when the driver receives Ray Train's log lines (the
    controller asking for resources, the worker group started, the final report; Ray
-   forwards the workers' lines with some delay, so the split is approximate).
+   forwards the workers' lines with some delay, so the split is approximate); with
+   several ``--rayft-intervals``, that many runs at each controller poll interval,
+   alternating.
 
     python benchmarks/bench_launch.py --repeats 4
     python benchmarks/bench_launch.py --parts rayft --name launch_rayft   # rayft's part only
+    python benchmarks/bench_launch.py --parts rayft --rayft-intervals 2.0 0.5 --name launch_poll
 """
 
 from __future__ import annotations
@@ -129,15 +132,21 @@ def seconds_after(lines: list[tuple[float, str]], label: str) -> float:
     return float(lines[-1][1].split(label)[1].split(" s")[0])
 
 
-def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, float]]:
-    """``runs`` rayft runs of a 4-step job on the local Ray, after one that warms the data
-    cache; each one's timings and the seconds between the lines that split its launch."""
+def rayft_launch(
+    work: str, timeline: Timeline, runs: int, intervals: list[str]
+) -> list[dict[str, Any]]:
+    """``runs`` rayft runs of a 4-step job on the local Ray per controller poll interval
+    (alternating), after one that warms the data cache; each one's timings and the
+    seconds between the lines that split its launch."""
     from rayft.config import validate_config
     from rayft.trainer import fit
 
     train, dev = sst2_subset(400, work), sst2_dev_subset(64, work)
     found = []
-    for run in range(runs + 1):
+    default = os.environ.get(POLL_ENV)
+    schedule = [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
+    for run, interval in enumerate(schedule):
+        os.environ[POLL_ENV] = interval  # Ray Train passes it from the driver to its controller
         cfg = validate_config(quiet_run_config({
             "task": "sequence_classification", "method": "full",
             "output_dir": os.path.join(work, f"rayft-{run}"), "model": {"name_or_path": MINILM},
@@ -160,6 +169,7 @@ def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, flo
         copied = timeline.every(COPIED, started)
         found.append({
             "timings": timings,
+            "poll_interval": interval,
             "data_ready_to_resources_requested_seconds": requested - planned,
             "resources_requested_to_group_started_seconds": begun - requested,
             "final_report_to_fit_returned_seconds": returned - reported,
@@ -168,9 +178,23 @@ def rayft_launch(work: str, timeline: Timeline, runs: int) -> list[dict[str, flo
             "final_report_call_seconds": seconds_after(copied, COPIED),
             "worker_cleanup_seconds": seconds_after(copied, CLEANUP),
         })  # fmt: skip
-        print(f"rayft run {run}: launch {timings['launch']:.1f} s, " + ", ".join(
-            f"{k} {v:.1f}" for k, v in found[-1].items() if k != "timings"), flush=True)  # fmt: skip
+        print(f"rayft run {run}, poll {interval} s: launch {timings['launch']:.1f} s, " + ", ".join(
+            f"{k} {v:.1f}" for k, v in found[-1].items() if k not in ("timings", "poll_interval")),
+            flush=True)  # fmt: skip
+    if default is None:
+        os.environ.pop(POLL_ENV, None)
+    else:
+        os.environ[POLL_ENV] = default
     return found
+
+
+def rayft_summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of rayft runs' launch parts, and of their `launch` and `setup`."""
+    return {
+        key: median([r[key] for r in runs]) for key in runs[0]
+        if key not in ("timings", "poll_interval")
+    } | {f"{section}_seconds": median([r["timings"][section] for r in runs])
+         for section in ("launch", "setup")}  # fmt: skip
 
 
 def main() -> None:
@@ -178,7 +202,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--intervals", nargs="+", default=["2.0", "0.25"],
                         help=f"{POLL_ENV} values (seconds)")  # fmt: skip
-    parser.add_argument("--rayft-runs", type=int, default=3, help="rayft runs measured")
+    parser.add_argument(
+        "--rayft-runs",
+        type=int,
+        default=3,
+        help="rayft runs measured (per --rayft-intervals value)",
+    )
+    parser.add_argument("--rayft-intervals", nargs="+", default=["2.0"],
+                        help=f"{POLL_ENV} values for the rayft runs (alternating)")  # fmt: skip
     parser.add_argument("--name", default="launch", help="results: benchmarks/results/NAME.json")
     parser.add_argument(
         "--parts",
@@ -209,15 +240,21 @@ def main() -> None:
         summary.update(bare_summary(bare, poll_cpu, args.intervals))
     rayft: list[dict[str, Any]] = []
     if "rayft" in args.parts:
-        rayft = rayft_launch(work, timeline, args.rayft_runs)
-        summary["rayft"] = {
-            key: median([r[key] for r in rayft]) for key in rayft[0] if key != "timings"
-        } | {f"{section}_seconds": median([r["timings"][section] for r in rayft])
-             for section in ("launch", "setup")}  # fmt: skip
+        rayft = rayft_launch(work, timeline, args.rayft_runs, args.rayft_intervals)
+        by_interval = {i: [r for r in rayft if r["poll_interval"] == i]
+                       for i in args.rayft_intervals}  # fmt: skip
+        summary["rayft"] = rayft_summary(by_interval[args.rayft_intervals[0]])
+        for interval in args.rayft_intervals[1:]:
+            summary[f"rayft_poll_{interval}s"] = rayft_summary(by_interval[interval])
+            summary[f"rayft_poll_{interval}s"]["launch_ratio_vs_first_interval"] = (
+                summary[f"rayft_poll_{interval}s"]["launch_seconds"]
+                / summary["rayft"]["launch_seconds"]
+            )
     path = write_result(args.name, {
         **environment(),
         "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
                   "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats,
+                  "rayft_intervals": args.rayft_intervals,
                   "parts": args.parts},
         "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
         "rayft_runs": rayft,
@@ -231,9 +268,10 @@ def main() -> None:
             s = summary[f"poll_{i}s"]
             print(f"| {i} s | {s['to_function_seconds']:.2f} | {s['after_function_seconds']:.2f} | "
                   f"{s['fit_seconds']:.2f} | {s['train_controller_cpu_share'] + s['train_worker_cpu_share']:.2%} |")  # fmt: skip
-    if rayft:
-        r = summary["rayft"]
-        print(f"\nrayft (median of {len(rayft)}): launch {r['launch_seconds']:.1f} s = data ready "
+    for interval in args.rayft_intervals if rayft else []:
+        first = interval == args.rayft_intervals[0]
+        r = summary["rayft" if first else f"rayft_poll_{interval}s"]
+        print(f"\nrayft, poll {interval} s (median of {args.rayft_runs}): launch {r['launch_seconds']:.1f} s = data ready "
               f"-> resources requested {r['data_ready_to_resources_requested_seconds']:.1f} + "
               f"-> worker group started {r['resources_requested_to_group_started_seconds']:.1f} + "
               f"final report -> fit() returned {r['final_report_to_fit_returned_seconds']:.1f} "
