@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--name", default="instruct", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
 
     import pyarrow.dataset as pads
@@ -108,7 +109,7 @@ def main() -> None:
     before, tokens = perplexity(model_dir, cfg, rows)
     after, _ = perplexity(os.path.join(cfg.output_dir, "model"), cfg, rows)
     result = {
-        "benchmark": "instruct",
+        "benchmark": args.name,
         "model": f"random Llama layout, {args.layers} layers x {args.hidden}, MiniLM WordPiece vocab",
         "train_rows": metrics["train_rows"],
         "train_sequences_packed": metrics.get("train_windows"),
@@ -119,10 +120,12 @@ def main() -> None:
         "perplexity_after_recomputed": after,
         "perplexity_ratio_after_before": after / before,
         "epochs": args.epochs,
+        "steps": metrics["step"],
+        "train_seconds": metrics["train_seconds"],
         "wall_seconds": wall,
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "instruct.json"), "w") as handle:
+    with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
     with open(os.path.join(cfg.output_dir, "generations.jsonl")) as handle:
