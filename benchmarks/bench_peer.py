@@ -61,6 +61,9 @@ SCENARIOS = {
     # Length grouping over windows of 50 batches, the size of the Trainer's megabatches.
     "rayft_1x2_group50": {"num_workers": 1, "cpus_per_worker": 2, "group_by_length": 50},
     "rayft_1x1_group50": {"num_workers": 1, "cpus_per_worker": 1, "group_by_length": 50},
+    # The training split streamed (read and tokenized by Ray Data while the worker trains,
+    # as a split larger than data.materialize_max_mb is) instead of kept in the object store.
+    "rayft_1x2_stream": {"num_workers": 1, "cpus_per_worker": 2, "materialize": "never"},
 }
 # A host-bound model: BERT's layout at 12 layers x 64 wide (random weights, MiniLM's
 # tokenizer), so a step is mostly Python and kernel dispatch, as BERT-base's is on a GPU at
@@ -97,12 +100,14 @@ def rayft_config(
     grouping = (
         {"group_by_length": scaling.pop("group_by_length")} if "group_by_length" in scaling else {}
     )
+    materialize = scaling.pop("materialize", "auto")
     batch = args.batch_size // scaling["num_workers"]  # the same global batch
     return quiet_run_config({
         "task": "sequence_classification", "method": method, "output_dir": out,
         "model": {"name_or_path": model_path(args)},
         "data": {"train": args.train, "eval": args.dev, "text_column": "sentence",
-                 "label_column": "label", "dedup": {"near": False}, "cache_dir": cache},
+                 "label_column": "label", "dedup": {"near": False}, "cache_dir": cache,
+                 "materialize": materialize},
         "scaling": scaling,
         "deepspeed": {"stage": stage, "precision": "fp32"},
         "train": {"epochs": args.epochs, "batch_size": batch, "eval_batch_size": 64,
@@ -388,7 +393,7 @@ def main() -> None:
         for other in others:
             block[other] = {k: med(other, k) for k in keys}
         for name in [n for n in names if n not in TRAINERS]:
-            mine = {k: med(name, k) for k in keys}
+            mine = {k: med(name, k) for k in (*keys, "data_wait_fraction")}
             for other in others:  # e.g. against the Trainer batching by length as rayft does
                 mine[f"vs_{other}_time_ratio"] = mine["wall_seconds"] / block[other]["wall_seconds"]
                 mine[f"vs_{other}_throughput_ratio"] = (
@@ -428,6 +433,7 @@ def main() -> None:
             "rayft": "ZeRO stage 0 (rayft_1x2_zero2: stage 2), fp32; rayft_1x2 = 1 worker "
             "x 2 CPUs (batch 32), rayft_2x1 = 2 workers x 1 CPU (batch 16 each); local shuffle and "
             f"group_by_length {default_window()} (rayft's defaults; *_group50: 50); "
+            "rayft_1x2_stream: the training split streamed (data.materialize never); "
             "wall = fit() + Ray start, "
             "cold data stage",
             "hf_trainer": "transformers Trainer in this process, random sampler "
@@ -440,6 +446,10 @@ def main() -> None:
     }
     path = write_result(args.name, result)
     print(tables(summary))
+    for method, block in summary.items():
+        print(f"{method}: the worker's wait for data, share of its training time: " + ", ".join(
+            f"{name} {f['data_wait_fraction']:.2%}" for name, f in block.items()
+            if "data_wait_fraction" in f))  # fmt: skip
     print(f"\n{path}")
 
 

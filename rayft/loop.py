@@ -8,12 +8,14 @@ reporting and checkpointing as configured. Finally gather the weights and export
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -87,6 +89,67 @@ def _rows(column: np.ndarray) -> np.ndarray:
     rows = np.empty(len(column), dtype=object)
     rows[:] = list(column)
     return rows
+
+
+def epoch_batches(shard: Any, cfg: RayftConfig, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of a rank's training shard in micro-batches, locally shuffled with
+    ``seed`` when `data.shuffle_buffer_rows` asks for it."""
+    return iter(
+        shard.iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+            local_shuffle_seed=seed if cfg.data.shuffle_buffer_rows else None,
+        )
+    )
+
+
+def epoch_seed(seed: int, epoch: int, phase_index: int, rank: int) -> int:
+    """The seed of a rank's epoch: its local shuffle and its length-grouped order."""
+    return seed + 7919 * epoch + 104729 * phase_index + rank
+
+
+def resume_position(state: dict[str, Any], plan: Plan) -> tuple[int, int]:
+    """(epoch, micro-batches to skip in it) where a run continues within its phase: the
+    next epoch when the saved one was complete."""
+    if state["micro"] >= plan.micro_per_epoch:
+        return state["epoch"] + 1, 0
+    return state["epoch"], state["micro"]
+
+
+class EarlyEpoch:
+    """The first epoch's batches, asked for in a background thread while the worker
+    imports its libraries and builds the model and engine. A streamed split (one larger
+    than `data.materialize_max_mb`) delivers its first batch only once its coordinator and
+    tasks have started and loaded the tokenizer: 8 s on the 2-core test machine, all of it
+    waited for at the first step otherwise (benchmarks/RESULTS.md, Data: a streamed
+    split). ``key`` is the (phase, epoch) it belongs to."""
+
+    def __init__(self, start: Any, key: tuple[int, int]) -> None:
+        self.key = key
+        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+        self._first: dict[str, np.ndarray] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._fetch, args=(start,), name="rayft-first-batch", daemon=True
+        )
+        self._thread.start()
+
+    def _fetch(self, start: Any) -> None:
+        try:
+            self._iterator = start()
+            self._first = next(self._iterator, None)
+        except BaseException as exc:  # raised again where the batches are read
+            self._error = exc
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        self._thread.join()  # inside the epoch's loop: counted as waiting for data
+        if self._error is not None:
+            raise self._error
+        if self._first is not None:
+            yield self._first
+            yield from self._iterator or ()
 
 
 def length_grouped(
@@ -253,14 +316,8 @@ def _hms(seconds: float) -> str:
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     fn_started = time.perf_counter()
     timings = Timings()
-    import deepspeed
     import ray.train
     import ray.train.torch
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    # Ray Train has set up torch.distributed; DeepSpeed's comm layer adopts that group
-    # (ZeRO-3's partitioned model construction needs it before any engine exists).
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
     # Only small, serialisable config crosses into workers; re-validate it here.
     cfg = RayftConfig.model_validate(config["cfg"])
@@ -269,8 +326,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
-    tokenizer = load_tokenizer(cfg)
-    pad_id = tokenizer.pad_token_id
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     test_shard = ray.train.get_dataset_shard("test") if "test" in plan.pad_rows else None
@@ -291,6 +346,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 f"resuming from checkpoint at step {state['step']} "
                 f"(phase {phases[state['phase']].name}, epoch {state['epoch']}): {restored.path}"
             )
+    # The first epoch this run trains starts streaming now, behind the set-up below.
+    early = None
+    first_epoch = resume_position(state, plan)[0] if resume_dir is not None else 0
+    if first_epoch < phases[state["phase"]].epochs and not (
+        t.max_steps and state["step"] >= t.max_steps
+    ):
+        seed = epoch_seed(t.seed, first_epoch, state["phase"], rank)
+        early = EarlyEpoch(
+            functools.partial(epoch_batches, train_shard, cfg, seed), (state["phase"], first_epoch)
+        )
+
+    import deepspeed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Ray Train has set up torch.distributed; DeepSpeed's comm layer adopts that group
+    # (ZeRO-3's partitioned model construction needs it before any engine exists).
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id
     fault = resilience.Fault.parse(config["fault"]) if config.get("fault") else None
     ledger = resilience.Ledger(run_dir, rank, state["step"]) if cfg.checkpoint.ledger else None
     history: list[dict[str, Any]] = state["history"]
@@ -469,9 +543,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ckpt.restore_training_state(engine, resume_dir)
             if ckpt.set_base_lr(engine, phase.lr) and rank == 0:
                 say(f"learning rate set to {phase.lr:g} for the rest of the run")
-            start_epoch, skip_micro = state["epoch"], state["micro"]
-            if skip_micro >= plan.micro_per_epoch:
-                start_epoch, skip_micro = start_epoch + 1, 0
+            start_epoch, skip_micro = resume_position(state, plan)
         timings.add("setup", time.perf_counter() - setup_started)
         if resume_dir is None and phase_index == 0:
             with timings.section("eval"):
@@ -498,17 +570,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         multiple = pad_multiple(engine.device)
         for epoch in range(start_epoch, phase.epochs):
             micro_done = 0
-            epoch_seed = t.seed + 7919 * epoch + 104729 * phase_index + rank
-            batches = train_shard.iter_batches(
-                batch_size=t.batch_size,
-                batch_format="numpy",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-                local_shuffle_seed=epoch_seed if cfg.data.shuffle_buffer_rows else None,
-            )
-            batches = length_grouped(
-                iter(batches), t.group_by_length, np.random.default_rng(epoch_seed)
-            )
+            seed = epoch_seed(t.seed, epoch, phase_index, rank)
+            if early is not None and early.key == (phase_index, epoch):
+                batches, early = early.batches(), None
+            else:
+                batches = epoch_batches(train_shard, cfg, seed)
+            batches = length_grouped(batches, t.group_by_length, np.random.default_rng(seed))
             tick = time.perf_counter()
             waited = time.perf_counter()
             for batch in batches:
