@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from rayft.config import validate_config
 from rayft.engine import deepspeed_config, lr_lambda
 from rayft.evaluate import majority_baseline
-from rayft.loop import Plan, length_grouped
+from rayft.loop import EarlyEpoch, Plan, length_grouped
 
 BASE = {"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl", "eval": "b.jsonl"}}
 
@@ -128,6 +129,34 @@ def test_length_grouping_keeps_every_row_and_the_batch_count():
     # Equal-length rows arrive from Ray as one 2-D array; they regroup too.
     square = {"input_ids": np.ones((8, 5), dtype=np.int32), "labels": np.arange(8)}
     assert len(list(length_grouped(iter([square, batches[0]]), 2, rng))) == 2
+
+
+def test_the_first_epoch_is_fetched_before_it_is_read_and_keeps_its_order():
+    import threading
+
+    asked, fetched = threading.Event(), threading.Event()
+
+    def start():
+        def epoch():
+            asked.set()  # runs at the first next(): in the background thread
+            yield {"step": 0}
+            fetched.set()  # the first batch has been handed over; the rest waits for next()
+            yield from ({"step": i} for i in range(1, 5))
+
+        return epoch()
+
+    early = EarlyEpoch(start, key=(0, 0))
+    time.sleep(0.2)
+    assert asked.is_set() and not fetched.is_set()  # one batch ahead of the loop, no more
+    assert early.key == (0, 0)
+    assert [b["step"] for b in early.batches()] == [0, 1, 2, 3, 4]
+    assert list(EarlyEpoch(lambda: iter([]), key=(0, 1)).batches()) == []
+
+    def broken():
+        raise ValueError("shard 3: no such file")
+
+    with pytest.raises(ValueError, match="no such file"):  # raised where the batches are read
+        list(EarlyEpoch(broken, key=(1, 0)).batches())
 
 
 @pytest.mark.parametrize("device, width", [("cpu", 5), ("cuda", 8)])
