@@ -17,7 +17,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,7 +91,10 @@ def _rows(column: np.ndarray) -> np.ndarray:
     return rows
 
 
-def epoch_batches(shard: Any, cfg: RayftConfig, seed: int) -> Iterator[dict[str, np.ndarray]]:
+Batch = dict[str, np.ndarray]  # a micro-batch as Ray Data hands it over: column -> rows
+
+
+def epoch_batches(shard: Any, cfg: RayftConfig, seed: int) -> Iterator[Batch]:
     """One epoch of a rank's training shard in micro-batches, locally shuffled with
     ``seed`` when `data.shuffle_buffer_rows` asks for it."""
     return iter(
@@ -126,24 +129,24 @@ class EarlyEpoch:
     waited for at the first step otherwise (benchmarks/RESULTS.md, Data: a streamed
     split). ``key`` is the (phase, epoch) it belongs to."""
 
-    def __init__(self, start: Any, key: tuple[int, int]) -> None:
+    def __init__(self, start: Callable[[], Iterator[Batch]], key: tuple[int, int]) -> None:
         self.key = key
-        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
-        self._first: dict[str, np.ndarray] | None = None
+        self._iterator: Iterator[Batch] | None = None
+        self._first: Batch | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._fetch, args=(start,), name="rayft-first-batch", daemon=True
         )
         self._thread.start()
 
-    def _fetch(self, start: Any) -> None:
+    def _fetch(self, start: Callable[[], Iterator[Batch]]) -> None:
         try:
             self._iterator = start()
             self._first = next(self._iterator, None)
         except BaseException as exc:  # raised again where the batches are read
             self._error = exc
 
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self) -> Iterator[Batch]:
         self._thread.join()  # inside the epoch's loop: counted as waiting for data
         if self._error is not None:
             raise self._error
