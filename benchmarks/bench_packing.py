@@ -47,29 +47,35 @@ def in_order(lengths: list[int], limit: int) -> list[list[int]]:
     return sequences
 
 
-def encoded_batches(tokenizer_dir: str, max_seq_len: int, batch_rows: int) -> list[list[Any]]:
-    """The sample's rows as the task encodes them, in batches of ``batch_rows``."""
+def encoded_batches(
+    tokenizer_dir: str, limits: list[int], batch_rows: int
+) -> dict[int, list[list[Any]]]:
+    """For each max_seq_len in ``limits``: the sample's rows as the task encodes them, in
+    batches of ``batch_rows``."""
     from rayft.modeling import load_tokenizer
     from rayft.tasks import causal_lm as lm
 
-    cfg = config(tokenizer_dir, max_seq_len)
-    tokenizer = load_tokenizer(cfg)
     with open(DOLLY) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
-    encoded = []
-    for record in records:
-        fields, _ = lm.extract(record, cfg.data)
-        if fields is not None:
-            encoded.append(lm.encode(json.loads(fields["messages"]), tokenizer, cfg))
-    return [encoded[i : i + batch_rows] for i in range(0, len(encoded), batch_rows)]
+    tokenizer = load_tokenizer(config(tokenizer_dir, limits[0]))
+    found = {}
+    for limit in limits:
+        cfg = config(tokenizer_dir, limit)
+        encoded = []
+        for record in records:
+            fields, _ = lm.extract(record, cfg.data)
+            if fields is not None:
+                encoded.append(lm.encode(json.loads(fields["messages"]), tokenizer, cfg))
+        found[limit] = [encoded[i : i + batch_rows] for i in range(0, len(encoded), batch_rows)]
+    return found
 
 
-def config(tokenizer_dir: str, max_seq_len: int, model_dir: str | None = None) -> Any:
+def config(tokenizer_dir: str, max_seq_len: int) -> Any:
     from rayft.config import validate_config
 
     return validate_config({
         "task": "causal_lm", "method": "full", "output_dir": tempfile.gettempdir(),
-        "model": {"name_or_path": model_dir or tokenizer_dir, "tokenizer": tokenizer_dir},
+        "model": {"name_or_path": tokenizer_dir, "tokenizer": tokenizer_dir},
         "data": {"train": DOLLY, "split": {"train": 0.9, "eval": 0.1}, "packing": True},
         "train": {"max_seq_len": max_seq_len},
     })  # fmt: skip
@@ -79,31 +85,25 @@ Packer = Callable[[list[int], int], list[list[int]]]
 
 
 def packed(batches: list[list[Any]], packer: Packer, limit: int) -> tuple[list[Any], float]:
-    """Every batch's rows packed by ``packer``: (sequences as (ids, labels, positions),
-    seconds spent choosing the packing)."""
-    from rayft.tasks.causal_lm import IGNORE_INDEX
+    """Every batch's rows packed by ``packer``: (sequences as the task joins them: ids,
+    labels, positions; seconds spent choosing the packing)."""
+    from rayft.tasks.causal_lm import join
 
     sequences, seconds = [], 0.0
     for batch in batches:
         started = time.perf_counter()
         groups = packer([len(ids) for ids, _ in batch], limit)
         seconds += time.perf_counter() - started
-        for rows in groups:
-            ids, labels, positions = [], [], []
-            for r in rows:
-                ids += batch[r][0]
-                labels += [IGNORE_INDEX] + list(batch[r][1][1:])
-                positions += list(range(len(batch[r][0])))
-            sequences.append((ids, labels, positions))
+        sequences += [join([batch[r] for r in rows]) for rows in groups]
     return sequences, seconds
 
 
-def fill(tokenizer_dir: str, lens: list[int], batch_rows: int) -> list[dict[str, Any]]:
+def fill(encoded: dict[int, list[list[Any]]], lens: list[int]) -> list[dict[str, Any]]:
     from rayft.tasks.causal_lm import pack
 
     rows = []
     for limit in lens:
-        batches = encoded_batches(tokenizer_dir, limit, batch_rows)
+        batches = encoded[limit]
         tokens = sum(len(ids) for batch in batches for ids, _ in batch)
         found: dict[str, Any] = {"max_seq_len": limit, "rows": sum(map(len, batches)),
                                  "tokens": tokens}  # fmt: skip
@@ -124,14 +124,14 @@ def fill(tokenizer_dir: str, lens: list[int], batch_rows: int) -> list[dict[str,
     return rows
 
 
-def ragged(rows: list[list[int]]) -> Any:
-    """A column as Ray Data hands it to `collate`: one int32 array per sequence."""
+def column(arrays: list[Any]) -> Any:
+    """Sequences as Ray Data hands a column to `collate`: a 1-D object array of arrays."""
     import numpy as np
 
-    column = np.empty(len(rows), dtype=object)
-    for i, row in enumerate(rows):
-        column[i] = np.asarray(row, dtype=np.int32)
-    return column
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):  # one by one: equal lengths would make it 2-D
+        out[i] = array
+    return out
 
 
 def train_epoch(model_dir: str, sequences: list[Any], batch_size: int, pad_id: int) -> dict:
@@ -150,7 +150,7 @@ def train_epoch(model_dir: str, sequences: list[Any], batch_size: int, pad_id: i
     started = time.perf_counter()
     for i in range(0, len(sequences), batch_size):
         chunk = sequences[i : i + batch_size]
-        batch = {key: ragged([s[k] for s in chunk])
+        batch = {key: column([s[k] for s in chunk])
                  for k, key in enumerate(("input_ids", "labels", "position_ids"))}  # fmt: skip
         inputs = lm.collate(batch, pad_id, pad_multiple("cpu"))
         labels = inputs.pop("labels")
@@ -165,17 +165,14 @@ def train_epoch(model_dir: str, sequences: list[Any], batch_size: int, pad_id: i
             "loss_per_token": total / count}  # fmt: skip
 
 
-def train(work: str, args: argparse.Namespace) -> dict[str, Any]:
+def train(
+    model_dir: str, batches: list[list[Any]], pad_id: int, args: argparse.Namespace
+) -> dict[str, Any]:
     import torch
 
     from rayft.tasks.causal_lm import pack
 
     torch.set_num_threads(args.threads)
-    model_dir, tokenizer_dir = build_model(work, 128, 2)
-    batches = encoded_batches(tokenizer_dir, args.train_seq_len, args.batch_rows)
-    from rayft.modeling import load_tokenizer
-
-    pad_id = load_tokenizer(config(tokenizer_dir, args.train_seq_len, model_dir)).pad_token_id
     sides = {name: packed(batches, packer, args.train_seq_len)[0]
              for name, packer in (("in_order", in_order), ("best_fit_decreasing", pack))}  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in sides}
@@ -211,11 +208,16 @@ def main() -> None:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="rayft-bench-packing-")
-    _, tokenizer_dir = build_model(work, 16, 1)  # the tokenizer is what `fill` needs
+    model_dir, tokenizer_dir = build_model(work, 128, 2)  # bench_instruct's model
+    limits = sorted({*args.max_seq_lens, args.train_seq_len})
+    encoded = encoded_batches(tokenizer_dir, limits, args.batch_rows)
     result: dict[str, Any] = {**environment(), "data": os.path.relpath(DOLLY),
-                              "fill": fill(tokenizer_dir, args.max_seq_lens, args.batch_rows)}  # fmt: skip
+                              "fill": fill(encoded, args.max_seq_lens)}  # fmt: skip
     if not args.skip_train:
-        result["train"] = train(os.path.join(work, "train"), args)
+        from rayft.modeling import load_tokenizer
+
+        pad_id = load_tokenizer(config(tokenizer_dir, args.train_seq_len)).pad_token_id
+        result["train"] = train(model_dir, encoded[args.train_seq_len], pad_id, args)
     print("wrote", write_result(args.name, result))
 
 

@@ -204,16 +204,10 @@ def tokenize(
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": [], "_row": []}
 
     def emit(rows: list[int]) -> None:
-        ids, labels, positions = [], [], []
-        for r in rows:
-            row_ids, row_labels = encoded[r]
-            ids += row_ids
-            # The first token of each example is never a target: nothing of it precedes.
-            labels += [IGNORE_INDEX] + list(row_labels[1:])
-            positions += list(range(len(row_ids)))
-        out["input_ids"].append(np.asarray(ids, dtype=np.int32))
-        out["labels"].append(np.asarray(labels, dtype=np.int32))
-        out["position_ids"].append(np.asarray(positions, dtype=np.int32))
+        ids, labels, positions = join([encoded[r] for r in rows])
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["position_ids"].append(positions)
         out["_row"].append(rows[0])
 
     if not cfg.data.packing:
@@ -224,6 +218,18 @@ def tokenize(
             emit(rows)
     out["_row"] = np.asarray(out["_row"], dtype=np.int64)
     return out
+
+
+def join(examples: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, ...]:
+    """Encoded examples (ids, labels) -> one sequence's input ids, labels and positions,
+    the positions restarting at each example."""
+    ids, labels, positions = [], [], []
+    for example_ids, example_labels in examples:
+        ids += example_ids
+        # The first token of each example is never a target: nothing of it precedes.
+        labels += [IGNORE_INDEX] + list(example_labels[1:])
+        positions += list(range(len(example_ids)))
+    return tuple(np.asarray(x, dtype=np.int32) for x in (ids, labels, positions))
 
 
 def pack(lengths: list[int], limit: int) -> list[list[int]]:
