@@ -31,6 +31,7 @@ Three measurements, on a local Ray of this process's own:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -116,6 +117,19 @@ def bare_fit(work: str, interval: str, sleep: float = 0.0) -> dict[str, float]:
             "fit_seconds": returned - started, "fn_start": fn_start, "fn_end": fn_end}  # fmt: skip
 
 
+@contextlib.contextmanager
+def poll_interval_restored() -> Any:
+    """The measurements set `POLL_ENV` run by run; what follows gets the caller's back."""
+    default = os.environ.get(POLL_ENV)
+    try:
+        yield
+    finally:
+        if default is None:
+            os.environ.pop(POLL_ENV, None)
+        else:
+            os.environ[POLL_ENV] = default
+
+
 def arrival(timeline: Timeline, needle: str, since: float, *, last: bool = False) -> float:
     """When the first (``last``: the last) line holding ``needle`` arrived after ``since``."""
     hits = timeline.every(needle, since)
@@ -143,7 +157,6 @@ def rayft_launch(
 
     train, dev = sst2_subset(400, work), sst2_dev_subset(64, work)
     found = []
-    default = os.environ.get(POLL_ENV)
     schedule = [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
     for run, interval in enumerate(schedule):
         os.environ[POLL_ENV] = interval  # Ray Train passes it from the driver to its controller
@@ -181,10 +194,6 @@ def rayft_launch(
         print(f"rayft run {run}, poll {interval} s: launch {timings['launch']:.1f} s, " + ", ".join(
             f"{k} {v:.1f}" for k, v in found[-1].items() if k not in ("timings", "poll_interval")),
             flush=True)  # fmt: skip
-    if default is None:
-        os.environ.pop(POLL_ENV, None)
-    else:
-        os.environ[POLL_ENV] = default
     return found
 
 
@@ -236,11 +245,13 @@ def main() -> None:
     bare: dict[str, list[dict[str, float]]] = {}
     poll_cpu: dict[str, dict[str, Any]] = {}
     if "bare" in args.parts:
-        bare, poll_cpu = bare_fits(work, args.intervals, args.repeats)
+        with poll_interval_restored():
+            bare, poll_cpu = bare_fits(work, args.intervals, args.repeats)
         summary.update(bare_summary(bare, poll_cpu, args.intervals))
     rayft: list[dict[str, Any]] = []
     if "rayft" in args.parts:
-        rayft = rayft_launch(work, timeline, args.rayft_runs, args.rayft_intervals)
+        with poll_interval_restored():
+            rayft = rayft_launch(work, timeline, args.rayft_runs, args.rayft_intervals)
         by_interval = {i: [r for r in rayft if r["poll_interval"] == i]
                        for i in args.rayft_intervals}  # fmt: skip
         summary["rayft"] = rayft_summary(by_interval[args.rayft_intervals[0]])
@@ -288,7 +299,6 @@ def bare_fits(
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, Any]]]:
     """`repeats` bare fits per poll interval, alternating, then each interval's CPU cost
     while the worker sleeps."""
-    default = os.environ.get(POLL_ENV)  # bare_fit sets it; rayft's runs get it back
     bare: dict[str, list[dict[str, float]]] = {i: [] for i in intervals}
     for repeat, interval in alternating(intervals, repeats):
         bare[interval].append(bare_fit(work, interval, sleep=3.0 + 0.5 * repeat))
@@ -309,10 +319,6 @@ def bare_fits(
         }
         print(f"poll {interval} s while the worker sleeps: " + ", ".join(
             f"{k} {v:.2%}" for k, v in poll_cpu[interval].items() if k != "roles"), flush=True)  # fmt: skip
-    if default is None:
-        os.environ.pop(POLL_ENV, None)
-    else:
-        os.environ[POLL_ENV] = default
     return bare, poll_cpu
 
 
