@@ -289,3 +289,49 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(tuned(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is not present"
+)
+def test_shipped_instruct_config_runs_on_dolly(tmp_path, ray_session):
+    """configs/dolly_instruct.yaml as shipped (split, packing, prompts as written, LoRA on
+    every projection of a Qwen2-layout decoder), with a tiny random Qwen2 in place of the
+    hub model and a few steps: every row is accounted for and the run writes its outputs."""
+    from tokenizers import pre_tokenizers
+
+    from rayft.config import load_config
+    from rayft.trainer import fit
+    from tests.conftest import REPO
+
+    path = SHARED_DATA / "instruct" / "dolly_hhrlhf_train_small.jsonl"
+    split_words = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = {
+        w for line in path.open() for r in json.loads(line).values() for w, _ in split_words(r)
+    }
+    model = tiny_decoder(tmp_path / "qwen2", sorted(words), "qwen2")
+    cfg = load_config(
+        REPO / "configs" / "dolly_instruct.yaml",
+        [f"model.name_or_path={model}", f"model.tokenizer={model}/tokenizer",
+         f"data.train={path}", f"output_dir={tmp_path / 'out'}", "scaling.num_workers=1",
+         "train.max_seq_len=128", "train.max_steps=4", "train.batch_size=2",
+         "eval.general_max_tokens=512", "generate.samples=2", "generate.max_new_tokens=4"],
+    )  # fmt: skip
+    assert (cfg.data.chat_template, cfg.data.packing, cfg.method) == ("never", True, "lora")
+    metrics = fit(cfg)
+    out = Path(cfg.output_dir)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["read"] == 1000
+    splits = report["splits"]
+    assert splits["train"]["read"] + splits["eval"]["read"] == 1000
+    assert 50 <= splits["eval"]["read"] <= 150, splits["eval"]  # 10% by hash
+    assert sum(s["kept"] for s in splits.values()) + sum(
+        sum(s[k].values()) for s in splits.values() for k in ("filtered", "deduplicated", "quarantined")
+    ) == 1000  # fmt: skip
+    assert metrics["train_windows"] < metrics["train_rows"] == splits["train"]["kept"]
+    assert metrics["step"] == 4 and math.isfinite(metrics["perplexity"])
+    assert metrics["baselines"]["pretrained"]["perplexity"] > 0
+    generations = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    assert len(generations) == 2
+    assert generations[0]["prompt"].startswith("Below is an instruction")  # not re-templated
+    assert (out / "adapter" / "adapter_config.json").exists()
