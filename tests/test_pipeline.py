@@ -141,6 +141,23 @@ def test_bad_row_fixture_report_adds_up_exactly(tmp_path, ray_session, tiny_mode
     assert sorted(q["line"] for q in quarantine) == [3, 4, 5, 6, 7, 8, 9, 10, 16]
     assert all(q["source"] == train and q["raw"] and q["reason"] for q in quarantine)
     assert json.loads((tmp_path / "out/quarantine/eval.jsonl").read_text())["line"] == 4
+    # The rows that were usable but do not train are listed too, with the row each
+    # duplicate repeats: the first train row, or the eval row it contaminates.
+    dropped = {d["line"]: d for d in map(json.loads, (tmp_path / "out/dropped/train.jsonl").open())}
+    assert {line: d["reason"] for line, d in dropped.items()} == {
+        11: "duplicate_exact", 12: "duplicate_near", 13: "too_short_chars", 14: "too_long_chars",
+        15: "too_short_tokens", 18: "contamination_exact", 19: "contamination_near",
+        20: "too_long_tokens",
+    }  # fmt: skip
+    assert dropped[13]["text"] == "ok" and "duplicate_of" not in dropped[13]
+    assert len(dropped[14]["text"]) == 300  # the start of a long row, not all of it
+    assert all(d["source"] == train for d in dropped.values())
+    of = {line: dropped[line]["duplicate_of"] for line in (11, 12, 18, 19)}
+    assert of[11] == {"source": train, "line": 1, "similarity": 1.0}
+    assert (of[12]["source"], of[12]["line"]) == (train, 1) and 0.8 <= of[12]["similarity"] <= 1
+    assert of[18] == {"source": eval_, "line": 1, "similarity": 1.0}
+    assert (of[19]["source"], of[19]["line"]) == (eval_, 2) and 0.8 <= of[19]["similarity"] <= 1
+    assert not (tmp_path / "out/dropped/eval.jsonl").exists()
     # What training reads is exactly the kept rows, cleaned.
     assert sorted(_kept_texts(prepared.splits["train"])) == [
         "Acting was superb although the plot felt thin",
@@ -184,6 +201,27 @@ def test_known_duplicates_across_splits_are_counted_and_removed_from_train(
     within = train["deduplicated"]["duplicate_exact"] + train["deduplicated"]["duplicate_near"]
     assert within == manifest["exact_duplicates"] + manifest["near_duplicates"]
     assert train["kept"] == manifest["unique"] and report["splits"]["eval"]["kept"] == 60
+    # Each leaked eval row names the eval row it copies; every duplicate within train
+    # names the row it repeats, which was kept or (a repeat of a near duplicate) is itself
+    # listed, one link nearer a kept row.
+    dropped = [json.loads(x) for x in (tmp_path / "out/dropped/train.jsonl").open()]
+    assert len(dropped) == sum(train["deduplicated"].values())
+    leaks = {(d["line"], d["duplicate_of"]["line"]) for d in dropped
+             if d["reason"] == "contamination_exact"}  # fmt: skip
+    assert leaks == {(i, i) for i in range(1, 31)}
+    assert all(d["source"] == str(leaked) for d in dropped if d["reason"].startswith("contam"))
+    assert all(d["duplicate_of"]["source"].startswith(str(tmp_path / "eval"))
+               for d in dropped if d["reason"].startswith("contam"))  # fmt: skip
+    listed = {(d["source"], d["line"]): d for d in dropped}
+    within = [d for d in dropped if d["reason"].startswith("duplicate")]
+    assert within
+    for d in within:
+        link, hops = d["duplicate_of"], 1
+        while (link["source"], link["line"]) in listed:  # ends at a row that trains
+            d, hops = listed[link["source"], link["line"]], hops + 1
+            link = d["duplicate_of"]
+            assert hops < 5 and d["reason"].startswith("duplicate"), d
+        assert link["source"].startswith(str(tmp_path / "train"))
     assert evaluation["unique"] == 60
     # Counted either way; with remove_contaminated off the training rows stay.
     monkeypatch.undo()

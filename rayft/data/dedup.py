@@ -122,14 +122,37 @@ def candidates_block(table: pa.Table, *, near: bool, bands: int, rows: int) -> p
     return pa.table(out, schema=CANDIDATE_SCHEMA)
 
 
-MARK_SCHEMA = pa.schema([("_uid", pa.int64()), ("_dedup", pa.string())])
+# A mark: the row that goes (or is flagged), why, and the row it repeats (the one kept in
+# its split, or the eval / test row it contaminates) with their similarity (1.0: exact).
+MARK_SCHEMA = pa.schema(
+    [
+        ("_uid", pa.int64()),
+        ("_dedup", pa.string()),
+        ("_of_source", pa.string()),
+        ("_of_line", pa.int64()),
+        ("_similarity", pa.float64()),
+    ]
+)
+Mark = tuple[int, str, str, int, float]
+
+
+def _mark(row: Any, reason: str, of: Any, similarity: float) -> Mark:
+    return (row.uid, reason, of.source, of.line, similarity)
+
+
+def _marks_table(marks: list[Mark]) -> pa.Table:
+    columns = list(zip(*marks, strict=True)) if marks else [()] * len(MARK_SCHEMA)
+    return pa.table(
+        {name: list(values) for name, values in zip(MARK_SCHEMA.names, columns, strict=True)},
+        schema=MARK_SCHEMA,
+    )
 
 
 def judge_block(
     table: pa.Table, *, threshold: float, remove_duplicates: bool, remove_contaminated: bool
 ) -> pa.Table:
     """All entries of each bucket are in this block: mark the rows that must go."""
-    marks: list[tuple[int, str]] = []
+    marks: list[Mark] = []
     if table.num_rows:
         # itertuples cannot name fields that start with "_": judge on plain names.
         frame = table.to_pandas().rename(columns=lambda c: c.lstrip("_"))
@@ -141,42 +164,39 @@ def judge_block(
                 marks.extend(_judge_exact(members, remove_duplicates, remove_contaminated))
             else:
                 marks.extend(_judge_near(members, threshold, remove_contaminated))
-    return pa.table(
-        {"_uid": [m[0] for m in marks], "_dedup": [m[1] for m in marks]}, schema=MARK_SCHEMA
-    )
+    return _marks_table(marks)
 
 
-def _judge_exact(
-    members: list, remove_duplicates: bool, remove_contaminated: bool
-) -> list[tuple[int, str]]:
+def _judge_exact(members: list, remove_duplicates: bool, remove_contaminated: bool) -> list[Mark]:
     marks = []
     first_in_split: dict[str, Any] = {}
     for m in members:
         if m.split not in first_in_split:
             first_in_split[m.split] = m
         elif remove_duplicates:
-            marks.append((m.uid, "duplicate_exact"))
-    held_out = any(split != "train" for split in first_in_split)
+            marks.append(_mark(m, "duplicate_exact", first_in_split[m.split], 1.0))
+    held_out = [row for split, row in first_in_split.items() if split != "train"]
     if held_out and "train" in first_in_split:
         reason = "contamination_exact" if remove_contaminated else "contamination_exact_kept"
-        marks.append((first_in_split["train"].uid, reason))
+        marks.append(_mark(first_in_split["train"], reason, held_out[0], 1.0))
     return marks
 
 
-def _judge_near(
-    members: list, threshold: float, remove_contaminated: bool
-) -> list[tuple[int, str]]:
+def _judge_near(members: list, threshold: float, remove_contaminated: bool) -> list[Mark]:
     marks = []
     for j, m in enumerate(members[1:], start=1):
         for earlier in members[: min(j, MAX_PAIRWISE)]:
-            if earlier.key == m.key or jaccard(earlier.sig, m.sig) < threshold:
+            if earlier.key == m.key:
                 continue  # identical texts are the exact pass's business
+            similarity = jaccard(earlier.sig, m.sig)
+            if similarity < threshold:
+                continue
             if earlier.split == m.split:
-                marks.append((m.uid, "duplicate_near"))
+                marks.append(_mark(m, "duplicate_near", earlier, similarity))
             elif m.split == "train" or earlier.split == "train":
-                train_row = m if m.split == "train" else earlier
+                train_row, other = (m, earlier) if m.split == "train" else (earlier, m)
                 reason = "contamination_near" if remove_contaminated else "contamination_near_kept"
-                marks.append((train_row.uid, reason))
+                marks.append(_mark(train_row, reason, other, similarity))
             else:
                 continue  # eval and test resembling each other: not ours to fix
             break
@@ -188,21 +208,19 @@ def resolve_block(table: pa.Table) -> pa.Table:
     if not table.num_rows:
         return table
     order = {reason: i for i, reason in enumerate(PRIORITY)}
-    best: dict[int, str] = {}
-    for uid, reason in zip(
-        table.column("_uid").to_pylist(), table.column("_dedup").to_pylist(), strict=True
-    ):
-        current = best.get(uid)
-        if current is None or order.get(reason, 99) < order.get(current, 99):
-            best[uid] = reason
-    return pa.table({"_uid": list(best), "_dedup": list(best.values())}, schema=MARK_SCHEMA)
+    best: dict[int, Mark] = {}
+    for mark in zip(*(table.column(name).to_pylist() for name in MARK_SCHEMA.names), strict=True):
+        current = best.get(mark[0])
+        if current is None or order.get(mark[1], 99) < order.get(current[1], 99):
+            best[mark[0]] = mark
+    return _marks_table(list(best.values()))
 
 
 def find_duplicates(kept: Any, dedup: DedupConfig, kept_rows: int) -> Any:
     """Ray Dataset of kept rows (with _uid, _split, _source, _line, _key, _sig) -> marks
-    (_uid, _dedup reason). Exact buckets are always built, since the cross-split
-    contamination check relies on them; `dedup.exact` only decides whether repeats within
-    a split are removed."""
+    (MARK_SCHEMA: the row, the reason, the row it repeats and their similarity). Exact
+    buckets are always built, since the cross-split contamination check relies on them;
+    `dedup.exact` only decides whether repeats within a split are removed."""
     bands, rows = band_params(dedup)
     entries = kept_rows * (1 + (bands if dedup.near else 0))
     candidates = kept.map_batches(

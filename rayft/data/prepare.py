@@ -43,7 +43,7 @@ from rayft.data.read import BLANK, DataError, expand_sources, peek_columns, read
 from rayft.tasks import Task, get_task
 from rayft.tasks.common import canonical_label, sort_labels
 
-PREPARE_VERSION = 4
+PREPARE_VERSION = 5
 SPLITS = ("train", "eval", "test")
 REJECTED, FILTERED, DEDUPLICATED = "rejected", "filtered", "deduplicated"
 META_FILE = "prepared.json"
@@ -187,6 +187,9 @@ def _annotated_schema(task: Task) -> pa.Schema:
             ("_truncated", pa.string()),
             ("_cleaned", pa.list_(pa.string())),
             ("_dedup", pa.string()),
+            ("_dup_source", pa.string()),  # the row a duplicate repeats (dedup.MARK_SCHEMA)
+            ("_dup_line", pa.int64()),
+            ("_dup_similarity", pa.float64()),
             ("_slice", pa.string()),
             *task.fields.items(),
         ]
@@ -257,6 +260,9 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
         "_truncated": [r.truncated for r in rows],
         "_cleaned": [r.cleaned for r in rows],
         "_dedup": [None] * len(rows),
+        "_dup_source": [None] * len(rows),
+        "_dup_line": [None] * len(rows),
+        "_dup_similarity": [None] * len(rows),
         "_slice": [r.slice for r in rows],
     }
     for name in task.fields:
@@ -384,7 +390,7 @@ def _quiet_tokenizer(tokenizer: Any):
 
 
 @functools.lru_cache(maxsize=2)
-def _load_marks(marks_dir: str) -> dict[int, str]:
+def _load_marks(marks_dir: str) -> dict[int, tuple]:
     """The dedup marks, loaded once per worker process: one entry per duplicate found
     (small next to the corpus), broadcast to every task instead of shuffling the rows."""
     import pyarrow.dataset as pads
@@ -392,9 +398,16 @@ def _load_marks(marks_dir: str) -> dict[int, str]:
     if not fs.exists(marks_dir):
         return {}
     table = pads.dataset(marks_dir, format="parquet").to_table()
-    return dict(
-        zip(table.column("_uid").to_pylist(), table.column("_dedup").to_pylist(), strict=True)
-    )
+    columns = [table.column(name).to_pylist() for name in dedup.MARK_SCHEMA.names]
+    return {mark[0]: mark[1:] for mark in zip(*columns, strict=True)}
+
+
+MARKED = {  # the row's columns a mark sets, and the mark's field that fills each
+    "_dedup": (0, pa.string()),
+    "_dup_source": (1, pa.string()),
+    "_dup_line": (2, pa.int64()),
+    "_dup_similarity": (3, pa.float64()),
+}
 
 
 def finalize_block(table: pa.Table, *, marks_dir: str | None) -> pa.Table:
@@ -402,18 +415,20 @@ def finalize_block(table: pa.Table, *, marks_dir: str | None) -> pa.Table:
     table = table.drop_columns(["_sig"])
     if not marks:
         return table
-    parts, reasons, dedups = (table.column(c).to_pylist() for c in ("part", "_reason", "_dedup"))
+    parts, reasons = table.column("part").to_pylist(), table.column("_reason").to_pylist()
+    marked = {name: table.column(name).to_pylist() for name in MARKED}
     for i, uid in enumerate(table.column("_uid").to_pylist()):
         mark = marks.get(uid)
         if mark is None:
             continue
-        dedups[i] = mark
-        if not mark.endswith("_kept"):
-            parts[i], reasons[i] = DEDUPLICATED, mark
-    for name, values in (("part", parts), ("_reason", reasons), ("_dedup", dedups)):
-        table = table.set_column(
-            table.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
+        for name, (position, _) in MARKED.items():
+            marked[name][i] = mark[position]
+        if not mark[0].endswith("_kept"):
+            parts[i], reasons[i] = DEDUPLICATED, mark[0]
+    columns = {"part": (parts, pa.string()), "_reason": (reasons, pa.string())}
+    columns.update({name: (marked[name], kind) for name, (_, kind) in MARKED.items()})
+    for name, (values, kind) in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
     return table
 
 
@@ -527,7 +542,7 @@ def prepared_root(cfg: RayftConfig, files: dict[str, list[str]]) -> str:
 def prepare(
     cfg: RayftConfig, files: dict[str, list[str]] | None = None, *, outputs: bool = True
 ) -> Prepared:
-    """Run (or reuse) the data stage; write quarantine/, data_report.json and
+    """Run (or reuse) the data stage; write quarantine/, dropped/, data_report.json and
     data_report.png to output_dir (unless `outputs` is False: a tune trial reuses the
     shards its search prepared and reported); fail when the data cannot train well."""
     files = files or check_sources(cfg)
@@ -547,6 +562,7 @@ def prepare(
         counts = _collect_counts(rows_dir, task.label_field)
         prepared = _summarize(cfg, files, root, rows_dir, counts, time.time() - started)
         prepared.report["bad_examples"] = _write_quarantine(cfg, rows_dir, prepared)
+        _write_dropped(cfg, rows_dir, prepared)
         if task.windowed:
             with ordered_execution():
                 prepared.features, prepared.feature_rows = write_windows(
@@ -558,6 +574,7 @@ def prepare(
         os.makedirs(cfg.output_dir, exist_ok=True)
         if prepared.reused:
             _write_quarantine(cfg, rows_dir, prepared)
+            _write_dropped(cfg, rows_dir, prepared)
         _write_report(cfg, prepared)
     _check_bad_fraction(cfg, prepared)
     _check_labels(cfg, prepared)
@@ -818,6 +835,51 @@ def _write_quarantine(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> di
                 lines.append(row["_line"])
     say(f"data: {total:,} row(s) quarantined -> {qdir}/")
     return {src: {r: sorted(v) for r, v in reasons.items()} for src, reasons in examples.items()}
+
+
+DROPPED_TEXT_CHARS = 300  # of each dropped row's text in dropped/: enough to recognize it
+
+
+def _write_dropped(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> None:
+    """Stream the rows that were read and usable but do not train (filtered by a length
+    limit, or removed as duplicates) to output_dir/dropped/<split>.jsonl: where each came
+    from, why it went, the start of its text, and for a duplicate the row it repeats."""
+    import ray.data
+
+    out = os.path.join(cfg.output_dir, "dropped")
+    shutil.rmtree(out, ignore_errors=True)  # never leave an earlier run's rows behind
+    report = prepared.report
+    total = report["filtered"]["total"] + report["deduplicated"]["total"]
+    if not total:
+        return
+    os.makedirs(out)
+    text_fields = get_task(cfg.task).text_fields
+    columns = ["_split", "_source", "_line", "_reason", "_dup_source", "_dup_line"]
+    columns += ["_dup_similarity", *text_fields]
+    parts = [fs.join(rows_dir, f"part={p}") for p in (FILTERED, DEDUPLICATED)]
+    dropped = ray.data.read_parquet([p for p in parts if fs.exists(p)], columns=columns)
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        for row in dropped.iter_rows():
+            split = row["_split"]
+            if split not in handles:
+                path = os.path.join(out, f"{split}.jsonl")
+                handles[split] = stack.enter_context(open(path, "w"))
+            text = "\n".join(row[f] for f in text_fields if row[f] is not None)
+            record: dict[str, Any] = {
+                "source": row["_source"],
+                "line": row["_line"],
+                "reason": row["_reason"],
+                "text": text[:DROPPED_TEXT_CHARS],
+            }
+            if row["_dup_source"] is not None:
+                record["duplicate_of"] = {
+                    "source": row["_dup_source"],
+                    "line": row["_dup_line"],
+                    "similarity": round(row["_dup_similarity"], 3),
+                }
+            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+    say(f"data: {total:,} row(s) filtered or deduplicated -> {out}/")
 
 
 def _check_bad_fraction(cfg: RayftConfig, prepared: Prepared) -> None:
