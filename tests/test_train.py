@@ -299,7 +299,10 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         tmp_path / "overtrained",
         scaling={"num_workers": 1, "cpus_per_worker": 2},
         deepspeed={"stage": "auto"},
-        train={"lr": 0.2, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
+        # lr 0.1: the backbone drifts within a step or two and stays there (ratio ~1.30
+        # from step 2 on); at 0.2 the ratio swung between 1.02 and 1.44 step by step and
+        # where it ended depended on the CPU's rounding (1.03 on one host, > 1.2 on another).
+        train={"lr": 0.1, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
         checkpoint={"every_steps": 1, "keep": 20},
         eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.2,
               "baselines": ["pretrained"]},
@@ -318,7 +321,7 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     steps = history(out)
     assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.2
     # The selected checkpoint: the lowest eval loss among those within the limit (the
-    # first step still is: about 1.11 here, where later steps run at 1.5-1.6), although
+    # first step still is: about 1.01 here, where later steps run at 1.30-1.33), although
     # the run ended over it.
     within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.2]
     assert within, [(h["step"], h["forgetting_ratio"], h["eval_loss"]) for h in steps]
