@@ -287,8 +287,10 @@ def test_toy_instruction_tuning_lora_zero3_packed(tmp_path, ray_session):
     tuned = PeftModel.from_pretrained(base, out / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        assert torch.allclose(tuned(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():  # equal up to fp32 rounding: W + BA against W x + B(A x)
+        torch.testing.assert_close(
+            tuned(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.skipif(
@@ -328,6 +330,10 @@ def test_shipped_instruct_config_runs_on_dolly(tmp_path, ray_session):
     assert sum(s["kept"] for s in splits.values()) + sum(
         sum(s[k].values()) for s in splits.values() for k in ("filtered", "deduplicated", "quarantined")
     ) == 1000  # fmt: skip
+    # Near-duplicate search is off for instruction data unless asked for: rows of one
+    # template ("Identify which instrument is string or percussion: ...") stay.
+    assert report["settings"]["dedup"]["near"] is False
+    assert report["deduplicated"]["near"] == 0 and report["contamination"]["near"] == 0
     assert metrics["train_windows"] < metrics["train_rows"] == splits["train"]["kept"]
     assert metrics["step"] == 4 and math.isfinite(metrics["perplexity"])
     assert metrics["baselines"]["pretrained"]["perplexity"] > 0
