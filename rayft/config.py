@@ -101,10 +101,12 @@ class DedupConfig(_Section):
     exact: bool = Field(
         True, description="Drop rows whose normalized text (case, spacing) repeats a kept one."
     )
-    near: bool = Field(
-        True,
-        description="Drop near-duplicates found by MinHash LSH (not for question_answering, "
-        "whose questions on one passage share most of their text).",
+    near: bool | None = Field(
+        None,
+        description="Drop near-duplicates found by MinHash LSH. Unset: on for "
+        "classification and NER; off for causal_lm, whose rows share prompt templates that "
+        "make different examples look alike (`true` turns it on); never for "
+        "question_answering, whose questions on one passage share most of their text.",
     )
     threshold: float = Field(
         0.8, gt=0, le=1, description="Estimated Jaccard similarity that makes a near-duplicate."

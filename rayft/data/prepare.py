@@ -606,10 +606,11 @@ def _run_passes(cfg: RayftConfig, files: dict[str, list[str]], root: str, rows_d
 
 
 def dedup_settings(cfg: RayftConfig) -> DedupConfig:
-    """`data.dedup` as this task uses it: near-duplicate search only where the task wants
-    it (see `Task.near_dedup`)."""
-    d = cfg.data.dedup
-    return d if get_task(cfg.task).near_dedup else d.model_copy(update={"near": False})
+    """`data.dedup` as this task uses it: near-duplicate search only where the task allows
+    it, and by the task's default when unset (see `Task.near_dedup`)."""
+    d, task = cfg.data.dedup, get_task(cfg.task)
+    near = task.near_dedup_default if d.near is None else d.near
+    return d.model_copy(update={"near": near and task.near_dedup})
 
 
 def _find_duplicates(cfg: RayftConfig, stage_dir: str, marks_dir: str) -> bool:
@@ -736,7 +737,7 @@ def _summarize(
         "lengths": {split: _histograms(kinds) for split, kinds in hist.items()},
         "settings": {
             "clean": cfg.data.clean.model_dump(),
-            "dedup": cfg.data.dedup.model_dump(),
+            "dedup": dedup_settings(cfg).model_dump(),
             "min_chars": cfg.data.min_chars,
             "max_chars": cfg.data.max_chars,
             "min_tokens": cfg.data.min_tokens,

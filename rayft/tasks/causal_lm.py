@@ -454,6 +454,7 @@ TASK = Task(
     name="causal_lm",
     fields={"text": pa.string(), "messages": pa.string()},
     text_fields=("text",),
+    near_dedup_default=False,
     extract=extract,
     label_field=None,
     tokenize=tokenize,
