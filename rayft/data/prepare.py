@@ -47,6 +47,8 @@ PREPARE_VERSION = 5
 SPLITS = ("train", "eval", "test")
 REJECTED, FILTERED, DEDUPLICATED = "rejected", "filtered", "deduplicated"
 META_FILE = "prepared.json"
+# The row columns a dedup mark sets (reason, the row it repeats, similarity) and their types
+MARKED = {f.name: f.type for f in dedup.MARK_SCHEMA if f.name != "_uid"}
 PEEK_FILES = 64  # files whose header is checked on the driver before anything starts
 EXAMPLE_LINES = 5  # line numbers per (file, reason) kept for error messages
 CHAR_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -186,10 +188,7 @@ def _annotated_schema(task: Task) -> pa.Schema:
             ("_tokens", pa.int64()),
             ("_truncated", pa.string()),
             ("_cleaned", pa.list_(pa.string())),
-            ("_dedup", pa.string()),
-            ("_dup_source", pa.string()),  # the row a duplicate repeats (dedup.MARK_SCHEMA)
-            ("_dup_line", pa.int64()),
-            ("_dup_similarity", pa.float64()),
+            *MARKED.items(),  # _dedup and the row a duplicate repeats
             ("_slice", pa.string()),
             *task.fields.items(),
         ]
@@ -259,10 +258,7 @@ def annotate_block(table: pa.Table, *, cfg_json: str, split: str) -> pa.Table:
         "_tokens": [r.tokens for r in rows],
         "_truncated": [r.truncated for r in rows],
         "_cleaned": [r.cleaned for r in rows],
-        "_dedup": [None] * len(rows),
-        "_dup_source": [None] * len(rows),
-        "_dup_line": [None] * len(rows),
-        "_dup_similarity": [None] * len(rows),
+        **{name: [None] * len(rows) for name in MARKED},
         "_slice": [r.slice for r in rows],
     }
     for name in task.fields:
@@ -392,22 +388,15 @@ def _quiet_tokenizer(tokenizer: Any):
 @functools.lru_cache(maxsize=2)
 def _load_marks(marks_dir: str) -> dict[int, tuple]:
     """The dedup marks, loaded once per worker process: one entry per duplicate found
-    (small next to the corpus), broadcast to every task instead of shuffling the rows."""
+    (small next to the corpus), broadcast to every task instead of shuffling the rows;
+    each maps a row's uid to its values of the MARKED columns."""
     import pyarrow.dataset as pads
 
     if not fs.exists(marks_dir):
         return {}
     table = pads.dataset(marks_dir, format="parquet").to_table()
-    columns = [table.column(name).to_pylist() for name in dedup.MARK_SCHEMA.names]
+    columns = [table.column(name).to_pylist() for name in ("_uid", *MARKED)]
     return {mark[0]: mark[1:] for mark in zip(*columns, strict=True)}
-
-
-MARKED = {  # the row's columns a mark sets, and the mark's field that fills each
-    "_dedup": (0, pa.string()),
-    "_dup_source": (1, pa.string()),
-    "_dup_line": (2, pa.int64()),
-    "_dup_similarity": (3, pa.float64()),
-}
 
 
 def finalize_block(table: pa.Table, *, marks_dir: str | None) -> pa.Table:
@@ -416,17 +405,17 @@ def finalize_block(table: pa.Table, *, marks_dir: str | None) -> pa.Table:
     if not marks:
         return table
     parts, reasons = table.column("part").to_pylist(), table.column("_reason").to_pylist()
-    marked = {name: table.column(name).to_pylist() for name in MARKED}
+    marked = [table.column(name).to_pylist() for name in MARKED]
     for i, uid in enumerate(table.column("_uid").to_pylist()):
         mark = marks.get(uid)
         if mark is None:
             continue
-        for name, (position, _) in MARKED.items():
-            marked[name][i] = mark[position]
+        for column, value in zip(marked, mark, strict=True):
+            column[i] = value
         if not mark[0].endswith("_kept"):
             parts[i], reasons[i] = DEDUPLICATED, mark[0]
     columns = {"part": (parts, pa.string()), "_reason": (reasons, pa.string())}
-    columns.update({name: (marked[name], kind) for name, (_, kind) in MARKED.items()})
+    columns.update(zip(MARKED, zip(marked, MARKED.values(), strict=True), strict=True))
     for name, (values, kind) in columns.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
     return table
@@ -801,10 +790,26 @@ def _histograms(kinds: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
 # -------------------------------------------------------------- checks and outputs
 
 
+def _write_by_split(directory: str, paths: list[str], columns: list[str], record: Any) -> None:
+    """Stream the rows of prepared Parquet `paths` to directory/<split>.jsonl, one
+    `record(row)` each; `columns` are read besides the split and provenance."""
+    import ray.data
+
+    os.makedirs(directory)
+    rows = ray.data.read_parquet(paths, columns=["_split", "_source", "_line", "_reason", *columns])
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        for row in rows.iter_rows():
+            split = row["_split"]
+            if split not in handles:
+                path = os.path.join(directory, f"{split}.jsonl")
+                handles[split] = stack.enter_context(open(path, "w"))
+            handles[split].write(json.dumps(record(row), ensure_ascii=False) + "\n")
+
+
 def _write_quarantine(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> dict[str, Any]:
     """Stream the rejected rows to output_dir/quarantine/<split>.jsonl; return the first
     line numbers per (file, reason) for error messages."""
-    import ray.data
 
     qdir = os.path.join(cfg.output_dir, "quarantine")
     shutil.rmtree(qdir, ignore_errors=True)  # never leave an earlier run's rows behind
@@ -812,28 +817,14 @@ def _write_quarantine(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> di
     examples: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     if not total:
         return {}
-    os.makedirs(qdir)
-    rejected = ray.data.read_parquet(
-        fs.join(rows_dir, f"part={REJECTED}"),
-        columns=["_split", "_source", "_line", "_reason", "_raw"],
-    )
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-        for row in rejected.iter_rows():
-            split = row["_split"]
-            if split not in handles:
-                path = os.path.join(qdir, f"{split}.jsonl")
-                handles[split] = stack.enter_context(open(path, "w"))
-            record = {
-                "source": row["_source"],
-                "line": row["_line"],
-                "reason": row["_reason"],
-                "raw": row["_raw"],
-            }
-            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-            lines = examples[row["_source"]][row["_reason"]]
-            if len(lines) < EXAMPLE_LINES:
-                lines.append(row["_line"])
+
+    def record(row: dict[str, Any]) -> dict[str, Any]:
+        lines = examples[row["_source"]][row["_reason"]]
+        if len(lines) < EXAMPLE_LINES:
+            lines.append(row["_line"])
+        return {k: row[f"_{k}"] for k in ("source", "line", "reason", "raw")}
+
+    _write_by_split(qdir, [fs.join(rows_dir, f"part={REJECTED}")], ["_raw"], record)
     say(f"data: {total:,} row(s) quarantined -> {qdir}/")
     return {src: {r: sorted(v) for r, v in reasons.items()} for src, reasons in examples.items()}
 
@@ -845,7 +836,6 @@ def _write_dropped(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> None:
     """Stream the rows that were read and usable but do not train (filtered by a length
     limit, or removed as duplicates) to output_dir/dropped/<split>.jsonl: where each came
     from, why it went, the start of its text, and for a duplicate the row it repeats."""
-    import ray.data
 
     out = os.path.join(cfg.output_dir, "dropped")
     shutil.rmtree(out, ignore_errors=True)  # never leave an earlier run's rows behind
@@ -853,33 +843,22 @@ def _write_dropped(cfg: RayftConfig, rows_dir: str, prepared: Prepared) -> None:
     total = report["filtered"]["total"] + report["deduplicated"]["total"]
     if not total:
         return
-    os.makedirs(out)
-    text_fields = get_task(cfg.task).text_fields
-    columns = ["_split", "_source", "_line", "_reason", "_dup_source", "_dup_line"]
-    columns += ["_dup_similarity", *text_fields]
-    parts = [fs.join(rows_dir, f"part={p}") for p in (FILTERED, DEDUPLICATED)]
-    dropped = ray.data.read_parquet([p for p in parts if fs.exists(p)], columns=columns)
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-        for row in dropped.iter_rows():
-            split = row["_split"]
-            if split not in handles:
-                path = os.path.join(out, f"{split}.jsonl")
-                handles[split] = stack.enter_context(open(path, "w"))
-            text = "\n".join(row[f] for f in text_fields if row[f] is not None)
-            record: dict[str, Any] = {
-                "source": row["_source"],
-                "line": row["_line"],
-                "reason": row["_reason"],
-                "text": text[:DROPPED_TEXT_CHARS],
+    task = get_task(cfg.task)
+
+    def record(row: dict[str, Any]) -> dict[str, Any]:
+        entry = {k: row[f"_{k}"] for k in ("source", "line", "reason")}
+        entry["text"] = (_joined_text(task, row) or "")[:DROPPED_TEXT_CHARS]
+        if row["_of_source"] is not None:
+            entry["duplicate_of"] = {
+                "source": row["_of_source"],
+                "line": row["_of_line"],
+                "similarity": round(row["_similarity"], 3),
             }
-            if row["_dup_source"] is not None:
-                record["duplicate_of"] = {
-                    "source": row["_dup_source"],
-                    "line": row["_dup_line"],
-                    "similarity": round(row["_dup_similarity"], 3),
-                }
-            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+        return entry
+
+    parts = [fs.join(rows_dir, f"part={p}") for p in (FILTERED, DEDUPLICATED)]
+    columns = ["_of_source", "_of_line", "_similarity", *task.text_fields]
+    _write_by_split(out, [p for p in parts if fs.exists(p)], columns, record)
     say(f"data: {total:,} row(s) filtered or deduplicated -> {out}/")
 
 
