@@ -7,7 +7,6 @@ reporting and checkpointing as configured. Finally gather the weights and export
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -317,6 +316,28 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# Ray Train's controller polls each worker this often (seconds; Ray's default when unset)
+# and collects at most one report per poll: a report waits until the previous one is taken.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def report_wait_advice(report_seconds: float, train_seconds: float, cfg: RayftConfig) -> str:
+    """What to change when handing reports to Ray Train took a large share of the run (over
+    5 s and 10% of the training time), or '' when it did not."""
+    if report_seconds <= max(5.0, 0.1 * train_seconds):
+        return ""
+    interval = os.environ.get(POLL_ENV, "2")
+    shorter = "" if float(interval) <= 0.5 else f", or export {POLL_ENV}=0.5 before Ray starts"
+    return (
+        f"handing evaluations and checkpoints to Ray Train took {report_seconds:.1f} s against "
+        f"{train_seconds:.1f} s of training: each report copies its checkpoint to storage_path "
+        f"and waits for Ray Train's controller to collect the previous one, once per poll "
+        f"(every {interval} s, {POLL_ENV}). Report less often (train.eval_every_steps "
+        f"{cfg.train.eval_every_steps}, checkpoint.every_steps {cfg.checkpoint.every_steps})"
+        f"{shorter}"
+    )
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     fn_started = time.perf_counter()
     timings = Timings()
@@ -486,11 +507,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and do_eval:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
             say(f"eval at step {step}: {shown}")
-        # A checkpoint's time: writing the state, and Ray persisting it in report().
-        with timings.section("checkpoint") if do_ckpt else contextlib.nullcontext():
-            if do_ckpt:
+        if do_ckpt:
+            with timings.section("checkpoint"):
                 directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
+        # Ray copies the checkpoint to storage_path here and then waits until its
+        # controller has collected the previous report: one per poll.
+        with timings.section("report"):
             ray.train.report(metrics, checkpoint=checkpoint)
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
@@ -752,6 +775,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     del full_state
     dist.barrier()
     timings.add("train", train_seconds)
+    if rank == 0:
+        advice = report_wait_advice(timings.seconds.get("report", 0.0), train_seconds, cfg)
+        if advice:
+            say(advice)
     # The worker's own wall time, so the driver can tell what Ray Train's start, stop and
     # checkpoint persistence cost (`launch`).
     timings.add("worker", time.perf_counter() - fn_started)

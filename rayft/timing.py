@@ -3,7 +3,7 @@
 The driver times Ray's start, the data stage, the training run as a whole (`run`) and
 the outputs; each worker times its own setup, evaluations, checkpoints and the final export.
 What the run spent outside the workers' own time (Ray Train starting and stopping the
-worker group, checkpoints travelling to storage) is the difference, `launch`."""
+worker group, the final checkpoint travelling to storage) is the difference, `launch`."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from contextlib import contextmanager
 SECTIONS = {
     "ray_start": "joining or starting Ray (driver)",
     "data": "reading, cleaning, dedup, splitting; the tokenizing datasets (driver)",
-    "launch": "Ray Train starting and stopping the workers, persisting checkpoints",
+    "launch": "Ray Train starting and stopping the workers, persisting the final checkpoint",
     "setup": "imports, tokenizer, model, DeepSpeed engine (workers)",
     "train": "optimizer steps, waiting for batches included (workers)",
     "eval": "evaluations, the baseline and final ones included (workers)",
     "checkpoint": "writing training states (workers)",
+    "report": "handing metrics and checkpoints to Ray Train: the copy to storage_path, the "
+    "wait for its controller to collect the previous report (workers)",
     "export": "gathering and writing the trained model and predictions (workers)",
     "outputs": "model copy and metrics.json (driver)",
 }
