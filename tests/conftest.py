@@ -17,6 +17,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite is many short runs that evaluate and checkpoint every few steps: Ray Train's
+# controller collects one report per poll, every 2 s by default, which held a run that
+# checkpoints every step at 28 s of waiting against 0.4 s of training (6.4 s at 0.5 s).
+# docs/performance.md gives this setting for many short runs; every Ray the suite starts
+# (the session's, `ray start` heads) inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Secrets a user would have in the environment, planted before Ray starts so every process
 # of the session sees them; tests check that no file rayft or Ray writes contains them.
 SECRET_VARIABLES = (
@@ -63,6 +69,12 @@ def ray_session():
             include_dashboard=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
+    # The logical CPUs are there to schedule workers, not for Ray Data to run 6 tasks at
+    # once on 2 cores: a cold data stage of the toy set spawned 9 worker processes and took
+    # 17-23 s that way, 11 s with Ray Data held to the 2 real cores.
+    from ray.data import DataContext, ExecutionResources
+
+    DataContext.get_current().execution_options.resource_limits = ExecutionResources(cpu=2)
     yield ray
     ray.shutdown()
 
