@@ -2,7 +2,7 @@
 stopping a worker group (what a run's `launch` holds: the driver's `run` less the worker's
 own wall time, rayft.timing), and the libraries the worker imports (in its `setup`).
 
-Three measurements, on a local Ray of this process's own:
+Five measurements, on a local Ray of this process's own:
 
 1. `imports`: each library the training function needs, imported in a fresh Python
    process in the order the worker meets them (median of ``--repeats``); `rayft.loop`
@@ -21,11 +21,16 @@ Three measurements, on a local Ray of this process's own:
    controller asking for resources, the worker group started, the final report; Ray
    forwards the workers' lines with some delay, so the split is approximate); with
    several ``--rayft-intervals``, that many runs at each controller poll interval,
-   alternating.
+   alternating;
+5. `reports`: rayft runs that evaluate (and so report) at every step, at each of
+   ``--rayft-intervals``: the seconds their `ray.train.report` calls took (the `report`
+   timing), against their training steps. The controller collects one report per poll.
 
     python benchmarks/bench_launch.py --repeats 4
     python benchmarks/bench_launch.py --parts rayft --name launch_rayft   # rayft's part only
     python benchmarks/bench_launch.py --parts rayft --rayft-intervals 2.0 0.5 --name launch_poll
+    python benchmarks/bench_launch.py --parts reports --rayft-intervals 2.0 0.5 --rayft-runs 2 \
+        --name launch_reports
 """
 
 from __future__ import annotations
@@ -197,6 +202,54 @@ def rayft_launch(
     return found
 
 
+def rayft_reports(
+    work: str, runs: int, intervals: list[str], steps: int, every: int
+) -> list[dict[str, Any]]:
+    """``runs`` rayft runs per controller poll interval (alternating, after one that warms
+    the data cache) of a ``steps``-step MiniLM job that evaluates 16 dev rows every
+    ``every`` steps and reports each time (no checkpoint but the final one): how long its
+    `ray.train.report` calls took against its training steps and evaluations, and its
+    training samples/s (with ``every`` past the last step: what the polls cost a run that
+    reports only at its end)."""
+    from rayft.config import validate_config
+    from rayft.trainer import fit
+
+    train, dev = sst2_subset(max(400, 16 * steps), work), sst2_dev_subset(16, work)
+    found = []
+    schedule = [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
+    for run, interval in enumerate(schedule):
+        os.environ[POLL_ENV] = interval
+        cfg = validate_config(quiet_run_config({
+            "task": "sequence_classification", "method": "full",
+            "output_dir": os.path.join(work, f"reports-{run}"), "model": {"name_or_path": MINILM},
+            "data": {"train": train, "eval": dev, "text_column": "sentence",
+                     "label_column": "label", "dedup": {"near": False},
+                     "cache_dir": os.path.join(work, "cache")},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+            "train": {"epochs": 1, "batch_size": 16, "max_steps": steps,
+                      "eval_every_steps": every, "log_every_steps": 1000},
+        }))  # fmt: skip
+        metrics = fit(cfg)
+        timings = metrics["timings"]
+        if run == 0:
+            continue
+        reports = max((steps - 1) // every, 1)  # the final report covers the last step
+        found.append({
+            "poll_interval": interval,
+            "timings": timings,
+            "reports": reports,
+            "report_seconds": timings.get("report", 0.0),
+            "seconds_per_report": timings.get("report", 0.0) / reports,
+            "train_seconds": timings["train"],
+            "eval_seconds": timings["eval"],
+            "samples_per_second": metrics["train_samples"] / timings["train"],
+        })  # fmt: skip
+        print(f"reports run {run}, poll {interval} s: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in found[-1].items() if k not in ("timings", "poll_interval")),
+            flush=True)  # fmt: skip
+    return found
+
+
 def rayft_summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Medians of rayft runs' launch parts, and of their `launch` and `setup`."""
     return {
@@ -219,12 +272,16 @@ def main() -> None:
     )
     parser.add_argument("--rayft-intervals", nargs="+", default=["2.0"],
                         help=f"{POLL_ENV} values for the rayft runs (alternating)")  # fmt: skip
+    parser.add_argument("--report-steps", type=int, default=16,
+                        help="steps of each `reports` run")  # fmt: skip
+    parser.add_argument("--report-every", type=int, default=1,
+                        help="a `reports` run evaluates and reports every N steps")  # fmt: skip
     parser.add_argument("--name", default="launch", help="results: benchmarks/results/NAME.json")
     parser.add_argument(
         "--parts",
         nargs="+",
         default=["imports", "bare", "rayft"],
-        choices=["imports", "bare", "rayft"],
+        choices=["imports", "bare", "rayft", "reports"],
         help="measurements to run",
     )
     args = parser.parse_args()
@@ -261,14 +318,37 @@ def main() -> None:
                 summary[f"rayft_poll_{interval}s"]["launch_seconds"]
                 / summary["rayft"]["launch_seconds"]
             )
+    reports: list[dict[str, Any]] = []
+    if "reports" in args.parts:
+        with poll_interval_restored():
+            reports = rayft_reports(
+                work, args.rayft_runs, args.rayft_intervals, args.report_steps, args.report_every
+            )
+        for interval in args.rayft_intervals:
+            runs = [r for r in reports if r["poll_interval"] == interval]
+            summary[f"reports_poll_{interval}s"] = {
+                key: median([r[key] for r in runs])
+                for key in ("report_seconds", "seconds_per_report", "train_seconds",
+                            "eval_seconds", "samples_per_second")
+            }  # fmt: skip
+        first = summary[f"reports_poll_{args.rayft_intervals[0]}s"]
+        for interval in args.rayft_intervals[1:]:
+            entry = summary[f"reports_poll_{interval}s"]
+            entry["report_ratio_vs_first_interval"] = entry["report_seconds"] / max(
+                first["report_seconds"], 1e-9
+            )
+            entry["samples_per_second_ratio_vs_first_interval"] = (
+                entry["samples_per_second"] / first["samples_per_second"]
+            )
     path = write_result(args.name, {
         **environment(),
         "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
+                  "report_steps": args.report_steps, "report_every": args.report_every,
                   "poll_env": POLL_ENV, "intervals": args.intervals, "repeats": args.repeats,
                   "rayft_intervals": args.rayft_intervals,
                   "parts": args.parts},
         "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
-        "rayft_runs": rayft,
+        "rayft_runs": rayft, "report_runs": reports,
     })  # fmt: skip
     if bare:
         print(
@@ -289,6 +369,12 @@ def main() -> None:
               f"(the worker's final report call {r['final_report_call_seconds']:.1f}, its clean-up "
               f"{r['worker_cleanup_seconds']:.1f}) "
               f"(+ the rest); setup {r['setup_seconds']:.1f} s")  # fmt: skip
+    for interval in args.rayft_intervals if reports else []:
+        r = summary[f"reports_poll_{interval}s"]
+        print(f"\nreporting every {args.report_every} step(s), poll {interval} s (median of "
+              f"{args.rayft_runs}): report {r['report_seconds']:.1f} s ({r['seconds_per_report']:.2f}"
+              f" s per report), train {r['train_seconds']:.1f} s ({r['samples_per_second']:.1f} "
+              f"samples/s), eval {r['eval_seconds']:.1f} s")  # fmt: skip
     if found:
         print(f"the worker's imports: {found['total_seconds']:.2f} s")
     print(path)
