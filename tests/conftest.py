@@ -69,12 +69,6 @@ def ray_session():
             include_dashboard=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
-    # The logical CPUs are there to schedule workers, not for Ray Data to run 6 tasks at
-    # once on 2 cores: a cold data stage of the toy set spawned 9 worker processes and took
-    # 17-23 s that way, 11 s with Ray Data held to the 2 real cores.
-    from ray.data import DataContext, ExecutionResources
-
-    DataContext.get_current().execution_options.resource_limits = ExecutionResources(cpu=2)
     yield ray
     ray.shutdown()
 

@@ -175,6 +175,29 @@ def test_prepare_counts_every_row_maps_labels_and_quarantines(tmp_path, ray_sess
     assert prepare(cfg).reused
 
 
+def test_the_data_stage_runs_a_task_per_core_where_ray_counts_more_cpus(ray_session):
+    """The session's Ray counts 6 logical CPUs on this 2-core machine (room for workers
+    and streaming): the data stage is held to the cores, and a lower limit stays."""
+    import ray.data
+
+    from rayft.data.prepare import data_stage_cpu_cap, machine_cores, one_task_per_core
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.resource_limits
+    cores = machine_cores()
+    expected = cores if ray_session.cluster_resources()["CPU"] > cores else None
+    assert data_stage_cpu_cap() == expected
+    with one_task_per_core():
+        assert options.resource_limits.cpu == (expected or before.cpu)
+    assert options.resource_limits.cpu == before.cpu  # restored
+    options.resource_limits = before.copy(cpu=1)
+    try:
+        with one_task_per_core():
+            assert options.resource_limits.cpu == 1
+    finally:
+        options.resource_limits = before
+
+
 def test_unseen_eval_label_is_an_error_naming_label_file_and_line(
     tmp_path, ray_session, tiny_model
 ):
