@@ -435,6 +435,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     loss_run = _LossMeter(device)  # since the last report
     loss_all = _LossMeter(device)  # over the whole run
     last_eval: dict[str, float] = {}
+    advised = False  # whether rank 0 has said that reports wait for Ray Train (once)
     carry: dict[str, torch.Tensor] | None = None
     engine = None
     heads: list[str] = []
@@ -478,7 +479,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         return directory
 
     def report(epoch_progress: float, do_eval: bool, do_ckpt: bool) -> None:
-        nonlocal last_eval
+        nonlocal last_eval, advised
         if do_eval:
             with timings.section("eval"):
                 last_eval = evaluate(engine, eval_shard, task, cfg, plan, pad_id)
@@ -515,6 +516,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # controller has collected the previous report: one per poll.
         with timings.section("report"):
             ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0 and not advised:  # said once, as soon as the waits add up
+            advice = report_wait_advice(timings.seconds["report"], train_seconds, cfg)
+            if advice:
+                say(advice)
+                advised = True
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -775,10 +781,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     del full_state
     dist.barrier()
     timings.add("train", train_seconds)
-    if rank == 0:
-        advice = report_wait_advice(timings.seconds.get("report", 0.0), train_seconds, cfg)
-        if advice:
-            say(advice)
     # The worker's own wall time, so the driver can tell what Ray Train's start, stop and
     # checkpoint persistence cost (`launch`).
     timings.add("worker", time.perf_counter() - fn_started)
