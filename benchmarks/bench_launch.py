@@ -59,7 +59,8 @@ from bench_overhead import (
     write_result,
 )
 
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+from rayft.loop import POLL_ENV  # Ray Train's controller poll interval, as rayft names it
+
 # Lines of a rayft run whose arrival times split its `launch` (Ray Train's own log lines).
 REQUESTED = "Requesting resources"
 STARTED = "Started training worker group"
@@ -151,30 +152,42 @@ def seconds_after(lines: list[tuple[float, str]], label: str) -> float:
     return float(lines[-1][1].split(label)[1].split(" s")[0])
 
 
+def warmed_schedule(intervals: list[str], runs: int) -> list[str]:
+    """The poll interval of each rayft run: a first one that warms the data cache (and may
+    build DeepSpeed's CPU op; not measured), then ``runs`` per interval, alternating."""
+    return [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
+
+
+def minilm_job(work: str, name: str, train: str, dev: str, **train_section: Any) -> Any:
+    """The benchmarks' rayft job: full fine-tuning of MiniLM, 1 worker x 2 CPUs, batch 16,
+    one epoch at most, the prepared data shared through one cache; ``train_section``
+    adds to or replaces its `train` settings."""
+    from rayft.config import validate_config
+
+    return validate_config(quiet_run_config({
+        "task": "sequence_classification", "method": "full",
+        "output_dir": os.path.join(work, name), "model": {"name_or_path": MINILM},
+        "data": {"train": train, "eval": dev, "text_column": "sentence",
+                 "label_column": "label", "dedup": {"near": False},
+                 "cache_dir": os.path.join(work, "cache")},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+        "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 1000, **train_section},
+    }))  # fmt: skip
+
+
 def rayft_launch(
     work: str, timeline: Timeline, runs: int, intervals: list[str]
 ) -> list[dict[str, Any]]:
     """``runs`` rayft runs of a 4-step job on the local Ray per controller poll interval
     (alternating), after one that warms the data cache; each one's timings and the
     seconds between the lines that split its launch."""
-    from rayft.config import validate_config
     from rayft.trainer import fit
 
     train, dev = sst2_subset(400, work), sst2_dev_subset(64, work)
     found = []
-    schedule = [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
-    for run, interval in enumerate(schedule):
+    for run, interval in enumerate(warmed_schedule(intervals, runs)):
         os.environ[POLL_ENV] = interval  # Ray Train passes it from the driver to its controller
-        cfg = validate_config(quiet_run_config({
-            "task": "sequence_classification", "method": "full",
-            "output_dir": os.path.join(work, f"rayft-{run}"), "model": {"name_or_path": MINILM},
-            "data": {"train": train, "eval": dev, "text_column": "sentence",
-                     "label_column": "label", "dedup": {"near": False},
-                     "cache_dir": os.path.join(work, "cache")},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 2},
-            "train": {"epochs": 1, "batch_size": 16, "max_steps": 4, "eval_every_steps": 100,
-                      "log_every_steps": 1000},
-        }))  # fmt: skip
+        cfg = minilm_job(work, f"rayft-{run}", train, dev, max_steps=4, eval_every_steps=100)
         started = time.time()
         timings = fit(cfg)["timings"]
         returned = time.time()
@@ -211,24 +224,15 @@ def rayft_reports(
     `ray.train.report` calls took against its training steps and evaluations, and its
     training samples/s (with ``every`` past the last step: what the polls cost a run that
     reports only at its end)."""
-    from rayft.config import validate_config
     from rayft.trainer import fit
 
     train, dev = sst2_subset(max(400, 16 * steps), work), sst2_dev_subset(16, work)
     found = []
-    schedule = [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
-    for run, interval in enumerate(schedule):
+    for run, interval in enumerate(warmed_schedule(intervals, runs)):
         os.environ[POLL_ENV] = interval
-        cfg = validate_config(quiet_run_config({
-            "task": "sequence_classification", "method": "full",
-            "output_dir": os.path.join(work, f"reports-{run}"), "model": {"name_or_path": MINILM},
-            "data": {"train": train, "eval": dev, "text_column": "sentence",
-                     "label_column": "label", "dedup": {"near": False},
-                     "cache_dir": os.path.join(work, "cache")},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 2},
-            "train": {"epochs": 1, "batch_size": 16, "max_steps": steps,
-                      "eval_every_steps": every, "log_every_steps": 1000},
-        }))  # fmt: skip
+        cfg = minilm_job(
+            work, f"reports-{run}", train, dev, max_steps=steps, eval_every_steps=every
+        )
         metrics = fit(cfg)
         timings = metrics["timings"]
         if run == 0:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rayft.loop import POLL_ENV
 from tests.fixtures.data import WORDS, sentiment_splits
 from tests.fixtures.models import tiny_bert, tiny_mlm_bert
 
@@ -18,11 +19,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite is many short runs that evaluate and checkpoint every few steps: Ray Train's
-# controller collects one report per poll, every 2 s by default, which held a run that
-# checkpoints every step at 28 s of waiting against 0.4 s of training (6.4 s at 0.5 s).
-# docs/performance.md gives this setting for many short runs; every Ray the suite starts
-# (the session's, `ray start` heads) inherits it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# controller collects one report per poll, every 2 s by default, and a run reporting at
+# every step waits for each (20.7 s against 5.6 s of training in bench_launch's `reports`
+# part, 0.16 s at 0.5 s). docs/performance.md gives this setting for many short runs;
+# every Ray the suite starts (the session's, `ray start` heads) inherits it.
+os.environ.setdefault(POLL_ENV, "0.5")
 # Secrets a user would have in the environment, planted before Ray starts so every process
 # of the session sees them; tests check that no file rayft or Ray writes contains them.
 SECRET_VARIABLES = (
