@@ -171,7 +171,8 @@ def data_stage_cpu_cap() -> int | None:
     cores so training workers leave room for streaming batches; before training starts
     they would let Ray Data run a task per logical CPU, each a process to start and
     import into, all competing for the same cores (a cold data stage of a few hundred
-    rows spawned 9 processes on 2 cores and took 17-23 s, 11 s at one task per core).
+    rows spawned 9 processes on 2 cores and took 17-23 s, 11-12.5 s at one task per core,
+    in a one-off measurement recorded in benchmarks/RESULTS.md).
     None on a cluster, or where Ray counts no more CPUs than there are cores."""
     import ray
 
