@@ -299,12 +299,13 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         tmp_path / "overtrained",
         scaling={"num_workers": 1, "cpus_per_worker": 2},
         deepspeed={"stage": "auto"},
-        # lr 0.1: the backbone drifts within a step or two and stays there (ratio ~1.30
-        # from step 2 on); at 0.2 the ratio swung between 1.02 and 1.44 step by step and
-        # where it ended depended on the CPU's rounding (1.03 on one host, > 1.2 on another).
+        # lr 0.1: the backbone drifts within a step or two and stays there; at 0.2 the
+        # ratio swung between 1.02 and 1.44 step by step. Where it settles depends on the
+        # host's rounding (1.30 on one, 1.19 on another), while the first step sits at
+        # 1.01 on both: the limit, 1.1, lies between with room on either side.
         train={"lr": 0.1, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
         checkpoint={"every_steps": 1, "keep": 20},
-        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.2,
+        eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
               "baselines": ["pretrained"]},
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
@@ -317,13 +318,12 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     metrics = json.loads((out / "metrics.json").read_text())
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
-    assert forgetting["ratio"] > 1.2 and forgetting["after"] > forgetting["before"]
+    assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
     steps = history(out)
-    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.2
+    assert steps[0]["forgetting_ratio"] == 1.0 and steps[-1]["forgetting_ratio"] > 1.1
     # The selected checkpoint: the lowest eval loss among those within the limit (the
-    # first step still is: about 1.01 here, where later steps run at 1.30-1.33), although
-    # the run ended over it.
-    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.2]
+    # first step still is, at 1.01), although the run ended over it.
+    within = [h for h in steps[1:-1] if h["forgetting_ratio"] <= 1.1]
     assert within, [(h["step"], h["forgetting_ratio"], h["eval_loss"]) for h in steps]
     selected = metrics["selected_checkpoint"]
     best = min(within, key=lambda h: h["eval_loss"])
