@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA runs: merge the adapters into the model (default: write the peft adapter)",
     )
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    verbs.add_parser(
+        "build-ops",
+        help="compile the DeepSpeed ops rayft's runs load on this machine (shared-memory "
+        "collectives on CPU, CPUAdam for offload) into torch's extension cache, so the first "
+        "run does not compile them; `make venv` runs it",
+    )
     synth = data.add_parser("synth", help="write a synthetic labeled corpus (jsonl shards)")
     synth.add_argument("--rows", type=int, required=True, help="rows to write")
     synth.add_argument("--out", required=True, help="output directory")
@@ -259,7 +265,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    from rayft.ops import OpBuildError, build_ops, render
+
+    try:
+        built = build_ops(say=lambda line: print(f"rayft build-ops: {line}"))
+    except OpBuildError as exc:
+        print(f"rayft build-ops: error: {exc}", file=sys.stderr)
+        return 1
+    print(render(built))
+    return 0
+
+
 COMMANDS = {
+    "build-ops": cmd_build_ops,
     "export": cmd_export,
     "train": cmd_train,
     "validate": cmd_validate,

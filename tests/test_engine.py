@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -67,6 +71,31 @@ def test_deepspeed_config_follows_ours():
     }
     # `deepspeed.stage: auto` (the default) on one worker: stage 0, nothing to partition.
     assert deepspeed_config(cfg(), world_size=1)["zero_optimization"]["stage"] == 0
+
+
+def test_build_ops_leaves_in_the_cache_what_deepspeed_then_loads(capsys, tmp_path):
+    """`rayft build-ops` compiles (or finds cached) the very libraries a CPU run's
+    DeepSpeed loads: the shared-memory collectives and CPUAdam. Without a compiler it
+    exits 1 naming what to install."""
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    from rayft.cli import main
+
+    assert main(["build-ops"]) == 0
+    out = capsys.readouterr().out
+    paths = dict(re.findall(r"^(\S+): ready in [\d.]+ s, (\S+) \(", out, re.MULTILINE))
+    assert set(paths) == {"deepspeed_shm_comm", "cpu_adam"}, out
+    assert build_shm_op().__file__ == paths["deepspeed_shm_comm"]
+    assert CPUAdamBuilder().load(verbose=False).__file__ == paths["cpu_adam"]
+
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    failed = subprocess.run(
+        [sys.executable, "-m", "rayft", "build-ops"], env=env, capture_output=True, text=True
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "deepspeed_shm_comm op failed to compile" in failed.stderr
+    assert "C++ compiler (g++, or the one CXX names)" in failed.stderr
 
 
 def test_majority_baseline_matches_sklearn():
