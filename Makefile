@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(PIP) install -q -e ".[dev]"
 	# DeepSpeed's C++ ops, compiled now rather than inside the first run (~75 s on 2 cores).
-	$(PY) -m rayft build-ops
+	# Not fatal: a machine without a compiler (or a GPU one without nvcc, for CPUAdam) can
+	# still run what does not load the op that failed.
+	$(PY) -m rayft build-ops || echo "make: rayft build-ops failed (above); runs that load that op will try to compile it"
 	touch $@
 
 venv: $(VENV)/.installed
