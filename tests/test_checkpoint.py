@@ -70,7 +70,7 @@ def train_step(engine, seed: int) -> float:
     outputs = engine(**batch(seed, engine.module.config.vocab_size))
     engine.backward(outputs.loss)
     engine.step()
-    return float(outputs.loss)
+    return float(outputs.loss.detach())
 
 
 def tensors_of(value, prefix="") -> dict[str, torch.Tensor | object]:
