@@ -30,7 +30,13 @@ from rayft.config import (
 from rayft.console import say
 from rayft.data import fs
 from rayft.data.features import tokenize_block
-from rayft.data.prepare import Prepared, check_sources, ordered_execution, prepare
+from rayft.data.prepare import (
+    Prepared,
+    check_sources,
+    machine_cores,
+    ordered_execution,
+    prepare,
+)
 from rayft.evaluate import within_forgetting_key
 from rayft.forgetting import read_general_text
 from rayft.loop import GENERATIONS_FILE, HISTORY_FILE, PREDICTIONS_FILE, Plan, train_fn_per_worker
@@ -352,7 +358,7 @@ def start_local_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> 
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, num_cpus),
+        num_cpus=max(machine_cores(), num_cpus),
         runtime_env=RUNTIME_ENV,
         include_dashboard=include_dashboard,
     )

@@ -144,18 +144,25 @@ def missing_column(
 
 
 @contextlib.contextmanager
-def ordered_execution() -> Iterator[None]:
-    """Ray Data keeps block order, so prepared shards and each worker's rows are the same
-    from run to run (and in input order)."""
+def _execution_options(**values: Any) -> Iterator[None]:
+    """Set fields of Ray Data's execution options for the block; restore them after."""
     import ray.data
 
     options = ray.data.DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
+    before = {name: getattr(options, name) for name in values}
+    for name, value in values.items():
+        setattr(options, name, value)
     try:
         yield
     finally:
-        options.preserve_order = before
+        for name, value in before.items():
+            setattr(options, name, value)
+
+
+def ordered_execution() -> contextlib.AbstractContextManager[None]:
+    """Ray Data keeps block order, so prepared shards and each worker's rows are the same
+    from run to run (and in input order)."""
+    return _execution_options(preserve_order=True)
 
 
 def machine_cores() -> int:
@@ -184,21 +191,16 @@ def data_stage_cpu_cap() -> int | None:
     return cores if ray.cluster_resources().get("CPU", 0) > cores else None
 
 
-@contextlib.contextmanager
-def one_task_per_core() -> Iterator[None]:
+def one_task_per_core() -> contextlib.AbstractContextManager[None]:
     """Hold the data stage's Ray Data executions to `data_stage_cpu_cap()` CPUs (a lower
     limit set by the caller stays)."""
     import ray.data
 
     cap = data_stage_cpu_cap()
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.resource_limits
-    if cap is not None and before.cpu > cap:
-        options.resource_limits = before.copy(cpu=cap)
-    try:
-        yield
-    finally:
-        options.resource_limits = before
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
+    if cap is None or limits.cpu <= cap:
+        return contextlib.nullcontext()
+    return _execution_options(resource_limits=limits.copy(cpu=cap))
 
 
 def fast_parquet_reads() -> None:
