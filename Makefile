@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSpeed is a source package: build it against the torch above, not an isolated copy.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(PIP) install -q -e ".[dev]"
-	# DeepSpeed's C++ ops, compiled now rather than inside the first run (~75 s on 2 cores).
+	# DeepSpeed's C++ ops, compiled now rather than inside the first run (63-73 s on 2 cores).
 	# Not fatal: a machine without a compiler (or a GPU one without nvcc, for CPUAdam) can
 	# still run what does not load the op that failed.
 	$(PY) -m rayft build-ops || echo "make: rayft build-ops failed (above); runs that load that op will try to compile it"

@@ -5,9 +5,9 @@ cache (``~/.cache/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` says otherw
 later processes load the cached library. On a CPU machine every run loads the
 shared-memory collectives of ``deepspeed.comm``, and a run with
 ``deepspeed.offload_optimizer`` loads CPUAdam. Compiled inside a run, they land in its
-``setup`` time (about 40 and 60 s on 2 cores, while the run's other workers wait);
-``rayft build-ops`` compiles them beforehand: ``make venv`` does, and so can a node
-image's setup.
+``setup`` time (24-28 s and 39-46 s on 2 cores in three builds, while the run's other
+workers wait); ``rayft build-ops`` compiles them beforehand: ``make venv`` does, and so
+can a node image's setup.
 """
 
 from __future__ import annotations
