@@ -158,10 +158,17 @@ def warmed_schedule(intervals: list[str], runs: int) -> list[str]:
     return [intervals[0]] + [interval for _, interval in alternating(intervals, runs)]
 
 
-def minilm_job(work: str, name: str, train: str, dev: str, **train_section: Any) -> Any:
+def minilm_job(
+    work: str,
+    name: str,
+    train: str,
+    dev: str,
+    checkpoint: dict[str, Any] | None = None,
+    **train_section: Any,
+) -> Any:
     """The benchmarks' rayft job: full fine-tuning of MiniLM, 1 worker x 2 CPUs, batch 16,
     one epoch at most, the prepared data shared through one cache; ``train_section``
-    adds to or replaces its `train` settings."""
+    adds to or replaces its `train` settings, ``checkpoint`` sets its `checkpoint` ones."""
     from rayft.config import validate_config
 
     return validate_config(quiet_run_config({
@@ -172,6 +179,7 @@ def minilm_job(work: str, name: str, train: str, dev: str, **train_section: Any)
                  "cache_dir": os.path.join(work, "cache")},
         "scaling": {"num_workers": 1, "cpus_per_worker": 2},
         "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 1000, **train_section},
+        "checkpoint": checkpoint or {},
     }))  # fmt: skip
 
 

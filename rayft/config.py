@@ -429,6 +429,16 @@ class CheckpointSection(_Section):
         "`<storage_path>/<run>/ledger` (audits that a resumed run skipped and repeated "
         "nothing: `rayft.resilience.audit_ledger`). Costs a small file per report.",
     )
+    upload: Literal["sync", "async"] = Field(
+        "sync",
+        description="How a checkpoint reaches `storage_path`. `sync`: the workers wait "
+        "while it is copied there. `async`: each worker hands its checkpoint, and every report "
+        "of metrics, to a background thread and trains on; they reach storage and Ray Train "
+        "in order, and the local copy is removed once sent. For large checkpoints or "
+        "remote storage (s3://, gs://). A worker lost during the copy leaves that checkpoint "
+        "incomplete, and a restart passes it over as it does one cut short while written "
+        "(docs/reliability.md).",
+    )
 
 
 BASELINES = ("majority", "frozen", "pretrained")

@@ -478,6 +478,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             torch.save(forgetting.probe_state(), os.path.join(directory, forgetting_mod.PROBE_FILE))
         return directory
 
+    # `checkpoint.upload: async`: every report but the final one goes to Ray's upload
+    # thread (in order), so no step waits for a copy or for the controller's poll; what
+    # the controller has not collected by the end, the final report waits for.
+    handoff: dict[str, Any] = {}
+    if cfg.checkpoint.upload == "async":
+        handoff = {
+            "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
+            "delete_local_checkpoint_after_upload": True,
+        }
+
     def report(epoch_progress: float, do_eval: bool, do_ckpt: bool) -> None:
         nonlocal last_eval, advised
         if do_eval:
@@ -512,16 +522,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             with timings.section("checkpoint"):
                 directory = save_state(math.floor(epoch_progress + 1e-9), micro_done, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-        # Ray copies the checkpoint to storage_path here and then waits until its
-        # controller has collected the previous report: one per poll.
+        # Ray copies the checkpoint to storage_path and then waits until its controller
+        # has collected the previous report (one per poll): here, or in Ray's upload
+        # thread with `checkpoint.upload: async`, which also removes the local copy.
         with timings.section("report"):
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint, **handoff)
         if rank == 0 and not advised:  # said once, as soon as the waits add up
             advice = report_wait_advice(timings.seconds["report"], train_seconds, cfg)
             if advice:
                 say(advice)
                 advised = True
-        if directory:
+        if directory and not handoff:
             shutil.rmtree(directory, ignore_errors=True)
 
     def before_training(engine: Any, phase: methods.Phase) -> None:
@@ -786,7 +797,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     timings.add("worker", time.perf_counter() - fn_started)
     final_extra["timings"] = timings.as_dict()
     metrics.update(final_extra)
-    persist_started = time.perf_counter()  # Ray copies the final state to storage_path
+    # Ray copies the final state to storage_path, after every report still in its
+    # upload thread (`checkpoint.upload: async`) has been sent.
+    persist_started = time.perf_counter()
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
     persisted = time.perf_counter()
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -796,3 +809,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             f"final checkpoint copied to storage in {persisted - persist_started:.1f} s, "
             f"worker clean-up {time.perf_counter() - persisted:.1f} s"
         )
+        if handoff and not advised:  # async: the waits add up here, behind the final report
+            advice = report_wait_advice(persisted - persist_started, train_seconds, cfg)
+            if advice:
+                say(advice)

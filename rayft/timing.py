@@ -21,7 +21,8 @@ SECTIONS = {
     "eval": "evaluations, the baseline and final ones included (workers)",
     "checkpoint": "writing training states (workers)",
     "report": "handing metrics and checkpoints to Ray Train: the copy to storage_path, the "
-    "wait for its controller to collect the previous report (workers)",
+    "wait for its controller to collect the previous report; with checkpoint.upload async "
+    "only the hand-off, and what is still queued at the end falls in launch (workers)",
     "export": "gathering and writing the trained model and predictions (workers)",
     "outputs": "model copy and metrics.json (driver)",
 }

@@ -4,10 +4,12 @@ Each run checks several things, since starting a worker group is the expensive p
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rayft import checkpoint as ckpt
 from rayft.config import load_config, validate_config
 from rayft.timing import SECTIONS, Timings
 from rayft.trainer import fit
@@ -290,7 +293,9 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     at a learning rate far too high: its general-text loss rises, the run is flagged and
     `rayft train` exits with 3; checkpoints within the limit rank first. One worker (both
     cores, the 2-worker global batch of 16), so it reads the splits in the object store
-    directly (no split coordinators run) and `deepspeed.stage: auto` runs ZeRO stage 0."""
+    directly (no split coordinators run) and `deepspeed.stage: auto` runs ZeRO stage 0.
+    Its checkpoint at every step goes through Ray's upload thread (`checkpoint.upload:
+    async`): each reaches storage complete and in order, and no local copy is left."""
     from rayft.cli import main
 
     config = base_config(
@@ -305,18 +310,24 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
         # loss was computed in another order), while the first step sits at 1.01 in each:
         # the limit, 1.1, lies between with room on either side.
         train={"lr": 0.1, "epochs": 1, "eval_every_steps": 1, "batch_size": 16},
-        checkpoint={"every_steps": 1, "keep": 20},
+        checkpoint={"every_steps": 1, "keep": 20, "upload": "async"},
         eval={"general_text": GENERAL_TEXT, "general_max_tokens": 4096, "max_forgetting": 1.1,
               "baselines": ["pretrained"]},
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
     path.write_text(yaml.safe_dump(config))
+    local_copies = os.path.join(tempfile.gettempdir(), "rayft-ckpt-*")  # the worker's
+    before = set(glob.glob(local_copies))
     with ActorWatch("TrainController", "SplitCoordinator") as seen:
         assert main(["train", "--config", str(path)]) == 3
     assert "TrainController" in seen and "SplitCoordinator" not in seen, seen
 
     out = tmp_path / "overtrained"
     metrics = json.loads((out / "metrics.json").read_text())
+    run_dir = out / "ray" / json.loads((out / "run.json").read_text())["run_name"]
+    saved = [ckpt.check_complete(p)["step"] for p in ckpt.checkpoints_of_run(str(run_dir))]
+    assert saved == list(range(1, metrics["step"] + 1)), saved  # the last: the final one
+    assert set(glob.glob(local_copies)) <= before
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
     assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
