@@ -802,6 +802,20 @@ def single_worker_zero_note(cfg: RayftConfig) -> str | None:
     )
 
 
+def sync_upload_note(cfg: RayftConfig) -> str | None:
+    """Advice to print before launch when checkpoints go to remote storage (a URI such as
+    s3:// or gs://) with `checkpoint.upload: sync`: every worker then stops training for
+    each upload. None otherwise (a local or shared-filesystem path copies quickly)."""
+    path = cfg.storage_path or ""
+    if cfg.checkpoint.upload != "sync" or "://" not in path or path.startswith("file://"):
+        return None
+    return (
+        f"storage_path {path} is remote and checkpoint.upload is sync: every worker stops "
+        "training while each checkpoint is uploaded; checkpoint.upload=async uploads them in "
+        "a background thread while training goes on (docs/reliability.md)"
+    )
+
+
 def max_tokens(cfg: RayftConfig) -> int:
     """Rows over this many tokens are truncated (or dropped, per `data.overlong`); QA's
     window length."""

@@ -25,6 +25,7 @@ from rayft.config import (
     dump_config,
     resolve_paths,
     single_worker_zero_note,
+    sync_upload_note,
     validate_config,
 )
 from rayft.console import say
@@ -366,11 +367,12 @@ def start_local_ray(num_cpus: int, *, include_dashboard: bool | None = None) -> 
 
 def say_launch_advice(cfg: RayftConfig) -> None:
     """What to print before workers start (`train` and `tune`): a GPU run that will not
-    fit, and ZeRO stages that buy one worker nothing."""
+    fit, ZeRO stages that buy one worker nothing, uploads that stop training."""
     if warning := warn_if_unfit(cfg):
         say(warning)
-    if note := single_worker_zero_note(cfg):
-        say(f"NOTE: {note}")
+    for note in (single_worker_zero_note(cfg), sync_upload_note(cfg)):
+        if note:
+            say(f"NOTE: {note}")
 
 
 def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:

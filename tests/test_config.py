@@ -18,6 +18,7 @@ from rayft.config import (
     resolve_path,
     resolve_paths,
     single_worker_zero_note,
+    sync_upload_note,
     validate_config,
     zero_stage,
 )
@@ -127,6 +128,26 @@ def test_auto_zero_stage_is_0_for_one_worker_and_2_for_several(workers, deepspee
         assert note is None
     # A world size given outright (a 1-rank engine in a test or benchmark) decides too.
     assert zero_stage(cfg, world_size=3) == on_three
+
+
+@pytest.mark.parametrize(
+    "storage, upload, noted",
+    [
+        ("s3://bucket/runs", "sync", True),  # every worker stops for each upload
+        ("gs://bucket/runs", "async", False),
+        ("/mnt/shared/runs", "sync", False),  # a local or shared path copies quickly
+        ("file:///mnt/shared/runs", "sync", False),
+        (None, "sync", False),  # <output_dir>/ray
+    ],
+)
+def test_remote_storage_with_sync_uploads_is_noted_before_launch(storage, upload, noted):
+    cfg = validate_config({**MINIMAL, "storage_path": storage, "checkpoint": {"upload": upload}})
+    note = sync_upload_note(cfg)
+    if noted:
+        assert f"storage_path {storage} is remote and checkpoint.upload is sync" in note
+        assert "checkpoint.upload=async" in note
+    else:
+        assert note is None
 
 
 def test_missing_required_keys_are_named():
