@@ -89,7 +89,7 @@ def actor_loop(cfg: Any, rows: list[dict[str, Any]], warmup: int, rung: str) -> 
             from rayft.config import RayftConfig
 
             cfg = RayftConfig.model_validate(cfg_json)
-            kwargs = {"engine": engine, "foreach": True, "census": False, "ray_data": ray_data}
+            kwargs = {"engine": engine, "census": False, "ray_data": ray_data}
             if not in_thread:
                 return run_plain(cfg, rows, 2, warmup, **kwargs)
             done: list[Any] = []
@@ -158,7 +158,7 @@ def main() -> None:
                 raw["output_dir"] = os.path.join(args.work, f"run-{r}")
                 done[rung] = run_rayft(raw, timeline, args.warmup_steps)
             elif rung in ("plain", "beside_ray"):
-                done[rung] = run_plain(cfg, rows, 2, args.warmup_steps, foreach=True)
+                done[rung] = run_plain(cfg, rows, 2, args.warmup_steps)
             else:
                 done[rung] = actor_loop(cfg, rows, args.warmup_steps, rung)
         steady = done["rayft"]["steady"]
@@ -201,7 +201,7 @@ def main() -> None:
         {**environment(),
          "setup": {"rows": len(rows), "batch_size": args.batch_size,
                    "warmup_steps": args.warmup_steps, "torch_threads": 2,
-                   "optimizer_below_rayft": "torch AdamW, foreach (multi-tensor), as rayft's",
+                   "optimizer_below_rayft": "torch AdamW, fused, as rayft's",
                    "rungs": rungs},
          "summary": summary, "repeats": repeats},
     )  # fmt: skip

@@ -5,8 +5,10 @@ data path: time waiting for the next batch, and ingest throughput against consum
 Both sides train all-MiniLM-L6-v2 (full fine-tuning, fp32) on the same sentence-length
 SST-2 rows, in the same order and the same per-batch padded shapes: rayft with one Ray
 Train worker (ZeRO stage 0, 2 CPUs), no shuffling and no length grouping (so its batches
-are the prepared rows in order); the plain loop in this process with torch's AdamW, the
-same learning-rate schedule and clipping, and as many torch threads as the Ray worker
+are the prepared rows in order); the plain loop in this process with torch's fused AdamW
+(rayft's optimizer; before 2026-12-07 the plain loop kept torch's CPU default, the
+per-tensor AdamW, while rayft had moved to the fused one on 2026-12-05), the same
+learning-rate schedule and clipping, and as many torch threads as the Ray worker
 gets, once with no Ray on the machine (the headline ratio: what its user would run) and
 once beside the benchmark's Ray left idle (which tells Ray's standing processes apart from
 what a rayft run adds). Each run's CPU is also split by process (Ray actor or daemon) over
@@ -554,14 +556,14 @@ def run_plain(
     warmup: int,
     *,
     engine: str = "torch",
-    foreach: bool | None = None,
+    fused: bool = True,
     census: bool = True,
     ray_data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A plain loop: tokenize, pad each batch, forward, backward, clip, AdamW, schedule.
 
-    ``engine`` "torch": torch's AdamW (``foreach``: None is torch's own pick, per-tensor on
-    CPU), clipping and LambdaLR by hand; "deepspeed": the same steps through rayft's
+    ``engine`` "torch": torch's AdamW (``fused``, as rayft's engine steps it; False: torch's
+    own pick, per-tensor on CPU), clipping and LambdaLR by hand; "deepspeed": the same steps through rayft's
     DeepSpeed engine (`deepspeed_alone`). ``census``: split this run's CPU by process
     (off where the caller takes its own census, e.g. around a Ray actor running this).
     ``ray_data``: the batches come from rayft's tokenized train split (`rayft_batches`,
@@ -593,7 +595,7 @@ def run_plain(
     else:
         optimizer = torch.optim.AdamW(
             param_groups(model, t.lr, t.weight_decay),
-            lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=foreach,
+            lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused,
         )  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     startup = time.time() - started
@@ -916,8 +918,8 @@ def main() -> None:
             "max_seq_len": args.max_seq_len,
             "lr": 2e-5,
             "rayft": f"1 worker x {args.cpus} CPUs, ZeRO stage 0, no shuffle, group_by_length 0",
-            "plain": "this process with no Ray running, torch.optim.AdamW, same schedule "
-            "and clipping",
+            "plain": "this process with no Ray running, torch.optim.AdamW(fused=True) as "
+            "rayft's, same schedule and clipping",
             "plain_beside_ray": "the same beside the benchmark's local Ray, left idle",
             "torch_threads": threads,
             "warmup_steps": args.warmup_steps,
