@@ -105,7 +105,8 @@ def test_full_zero2_baselines_slices_report_and_tracking(
 ):
     """Full fine-tuning on uneven shards with string labels, compared with all three
     baselines, on an eval set with a planted biased slice, tracked to TensorBoard and an
-    MLflow file store."""
+    MLflow file store. Both ranks send their ZeRO shards of each epoch's checkpoint
+    through their upload threads (`checkpoint.upload: async`) into one checkpoint."""
     out = tmp_path / "full"
     # The eval set: the clean toy rows (slice "a") and rows whose labels are flipped
     # (slice "b"): a model that learned the task must fail exactly there.
@@ -126,9 +127,18 @@ def test_full_zero2_baselines_slices_report_and_tracking(
         eval={"baselines": ["majority", "frozen", "pretrained"], "general_text": None,
               "slice_column": "group", "frozen_epochs": 2},
         tracking={"mlflow": True},
+        checkpoint={"upload": "async"},
     )  # fmt: skip
     own_handler = signal.getsignal(signal.SIGINT)
+    local_copies = os.path.join(tempfile.gettempdir(), "rayft-ckpt-*")  # the workers'
+    before = set(glob.glob(local_copies))
     metrics, out = run(config)
+    run_dir = out / "ray" / json.loads((out / "run.json").read_text())["run_name"]
+    kept = ckpt.checkpoints_of_run(str(run_dir))
+    assert 2 <= len(kept) <= 3, kept  # checkpoint.keep's 2 best, and Ray keeps the newest
+    for path in kept:  # every rank's files at the sizes its marker records
+        assert ckpt.check_complete(path)["world_size"] == 2
+    assert set(glob.glob(local_copies)) <= before
 
     assert set(metrics) >= METRIC_KEYS
     # Ray Train's Ctrl-C handler (which held its controller) is gone with the run, and
