@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import os
 import sys
 import tempfile
@@ -43,12 +42,6 @@ from rayft import checkpoint as ckpt
 SECTIONS = ("train", "eval", "checkpoint", "report", "launch")
 
 
-def local_copies() -> set[str]:
-    """Checkpoint directories the workers wrote locally and have not removed (the
-    workers of this local Ray share this process's temporary directory)."""
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "rayft-ckpt-*")))
-
-
 def run_once(
     work: str, run: int, mode: str, steps: int, every: int, eval_every: int
 ) -> dict[str, Any]:
@@ -62,7 +55,7 @@ def run_once(
         checkpoint={"every_steps": every or None, "upload": mode, "keep": 2},
         max_steps=steps, **({"eval_every_steps": eval_every} if eval_every else {}),
     )  # fmt: skip
-    before = local_copies()
+    before = ckpt.local_copies()  # the workers of this local Ray share its temp dir
     started = time.perf_counter()
     metrics = fit(cfg)
     wall = time.perf_counter() - started
@@ -81,7 +74,7 @@ def run_once(
         "samples_per_second": metrics["train_samples"] / timings["train"],
         "checkpoints_kept": len(kept),
         "checkpoints_complete_steps": complete,
-        "local_copies_left": len(local_copies() - before),
+        "local_copies_left": len(ckpt.local_copies() - before),
         "eval_loss": metrics["eval_loss"],
         "timings": timings,
     }

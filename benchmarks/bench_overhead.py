@@ -562,9 +562,9 @@ def run_plain(
 ) -> dict[str, Any]:
     """A plain loop: tokenize, pad each batch, forward, backward, clip, AdamW, schedule.
 
-    ``engine`` "torch": torch's AdamW (``fused``, as rayft's engine steps it; False: torch's
-    own pick, per-tensor on CPU), clipping and LambdaLR by hand; "deepspeed": the same steps through rayft's
-    DeepSpeed engine (`deepspeed_alone`). ``census``: split this run's CPU by process
+    ``engine`` "torch": torch's AdamW (``fused``, as rayft's engine steps it; False:
+    torch's own pick, per-tensor on CPU), clipping and LambdaLR by hand; "deepspeed": the
+    same steps through rayft's DeepSpeed engine (`deepspeed_alone`). ``census``: split this run's CPU by process
     (off where the caller takes its own census, e.g. around a Ray actor running this).
     ``ray_data``: the batches come from rayft's tokenized train split (`rayft_batches`,
     these its keyword arguments) instead of from ``rows`` tokenized here (the same rows,

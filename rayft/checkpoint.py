@@ -15,6 +15,7 @@ node lost mid-save, a full disk) is told apart from a good one.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -38,6 +39,7 @@ RUN_INFO = "rayft.json"
 
 WORKER_FILE = "worker.rank{rank}.pt"
 MARKER_FILE = "complete.rank{rank}"
+LOCAL_PREFIX = "rayft-ckpt-"  # each save's local temp dir, removed once Ray has copied it
 
 
 class IncompleteCheckpoint(RuntimeError):
@@ -50,7 +52,7 @@ def save_training_state(
     """Every rank writes its shard (and its own RNG states and totals, ``worker``) into
     its own local temp dir, which Ray merges with the others; the completion marker,
     listing every file the rank wrote and its size, comes last."""
-    root = tempfile.mkdtemp(prefix="rayft-ckpt-")
+    root = tempfile.mkdtemp(prefix=LOCAL_PREFIX)
     ds_dir = os.path.join(root, DS_DIR)
     engine.save_checkpoint(ds_dir, tag=TAG)
     if worker is not None:
@@ -64,6 +66,12 @@ def save_training_state(
     }
     Path(ds_dir, MARKER_FILE.format(rank=rank)).write_text(json.dumps(written, indent=1))
     return root
+
+
+def local_copies() -> set[str]:
+    """The local checkpoint directories on this machine not (yet) removed: those of saves
+    still being copied to storage, and any a killed worker left behind."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), f"{LOCAL_PREFIX}*")))
 
 
 def read_state(directory: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -101,6 +102,11 @@ def bare_backbone(tmp_path_factory, mlm_model) -> str:
 def toy_data(tmp_path_factory) -> dict[str, str]:
     """A learnable sentiment set; 257 train rows so 2 workers get an uneven split."""
     return sentiment_splits(tmp_path_factory.mktemp("toy"), 257, 48, seed=0)
+
+
+def run_dir(output_dir: Path) -> Path:
+    """Where Ray Train stored the run an output_dir last started (default storage_path)."""
+    return output_dir / "ray" / json.loads((output_dir / "run.json").read_text())["run_name"]
 
 
 def base_config(model: str, data: dict[str, str], output_dir: Path, **sections) -> dict:

@@ -4,12 +4,10 @@ Each run checks several things, since starting a worker group is the expensive p
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from rayft import checkpoint as ckpt
 from rayft.config import load_config, validate_config
 from rayft.timing import SECTIONS, Timings
 from rayft.trainer import fit
-from tests.conftest import base_config, files_holding_secrets, wait_for
+from tests.conftest import base_config, files_holding_secrets, run_dir, wait_for
 from tests.fixtures.data import sentiment_rows, write_jsonl
 from tests.fixtures.models import GENERAL_TEXT
 
@@ -130,15 +128,13 @@ def test_full_zero2_baselines_slices_report_and_tracking(
         checkpoint={"upload": "async"},
     )  # fmt: skip
     own_handler = signal.getsignal(signal.SIGINT)
-    local_copies = os.path.join(tempfile.gettempdir(), "rayft-ckpt-*")  # the workers'
-    before = set(glob.glob(local_copies))
+    before = ckpt.local_copies()
     metrics, out = run(config)
-    run_dir = out / "ray" / json.loads((out / "run.json").read_text())["run_name"]
-    kept = ckpt.checkpoints_of_run(str(run_dir))
+    kept = ckpt.checkpoints_of_run(str(run_dir(out)))
     assert 2 <= len(kept) <= 3, kept  # checkpoint.keep's 2 best, and Ray keeps the newest
     for path in kept:  # every rank's files at the sizes its marker records
         assert ckpt.check_complete(path)["world_size"] == 2
-    assert set(glob.glob(local_copies)) <= before
+    assert ckpt.local_copies() <= before
 
     assert set(metrics) >= METRIC_KEYS
     # Ray Train's Ctrl-C handler (which held its controller) is gone with the run, and
@@ -326,18 +322,16 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     )  # fmt: skip
     path = tmp_path / "overtrained.yaml"
     path.write_text(yaml.safe_dump(config))
-    local_copies = os.path.join(tempfile.gettempdir(), "rayft-ckpt-*")  # the worker's
-    before = set(glob.glob(local_copies))
+    before = ckpt.local_copies()
     with ActorWatch("TrainController", "SplitCoordinator") as seen:
         assert main(["train", "--config", str(path)]) == 3
     assert "TrainController" in seen and "SplitCoordinator" not in seen, seen
 
     out = tmp_path / "overtrained"
     metrics = json.loads((out / "metrics.json").read_text())
-    run_dir = out / "ray" / json.loads((out / "run.json").read_text())["run_name"]
-    saved = [ckpt.check_complete(p)["step"] for p in ckpt.checkpoints_of_run(str(run_dir))]
+    saved = [ckpt.check_complete(p)["step"] for p in ckpt.checkpoints_of_run(str(run_dir(out)))]
     assert saved == list(range(1, metrics["step"] + 1)), saved  # the last: the final one
-    assert set(glob.glob(local_copies)) <= before
+    assert ckpt.local_copies() <= before
     forgetting = metrics["forgetting"]
     assert forgetting["head"] == "pretrained" and forgetting["exceeded"] is True
     assert forgetting["ratio"] > 1.1 and forgetting["after"] > forgetting["before"]
