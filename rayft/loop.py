@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from rayft import checkpoint as ckpt
 from rayft import forgetting as forgetting_mod
-from rayft import methods, resilience
+from rayft import inprocess, methods, resilience
 from rayft.config import RayftConfig, baselines
 from rayft.console import say
 from rayft.data.features import PROVENANCE
@@ -481,8 +481,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # `checkpoint.upload: async`: every report but the final one goes to Ray's upload
     # thread (in order), so no step waits for a copy or for the controller's poll; what
     # the controller has not collected by the end, the final report waits for.
+    # In-process (`scaling.in_process`) there is no controller: rayft stores the
+    # checkpoints itself (a rename into storage_path), and nothing waits for a poll.
+    keeper = config.get(inprocess.CONFIG_KEY)
     handoff: dict[str, Any] = {}
-    if cfg.checkpoint.upload == "async":
+    if cfg.checkpoint.upload == "async" and keeper is None:
         handoff = {
             "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
             "delete_local_checkpoint_after_upload": True,
@@ -526,6 +529,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # has collected the previous report (one per poll): here, or in Ray's upload
         # thread with `checkpoint.upload: async`, which also removes the local copy.
         with timings.section("report"):
+            if keeper is not None:
+                checkpoint, directory = keeper.report(metrics, directory), None
             ray.train.report(metrics, checkpoint=checkpoint, **handoff)
         if rank == 0 and not advised:  # said once, as soon as the waits add up
             advice = report_wait_advice(timings.seconds["report"], train_seconds, cfg)
@@ -800,10 +805,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # Ray copies the final state to storage_path, after every report still in its
     # upload thread (`checkpoint.upload: async`) has been sent.
     persist_started = time.perf_counter()
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(export_dir))
+    if keeper is not None:
+        final = keeper.report(metrics, export_dir)
+    else:
+        final = ray.train.Checkpoint.from_directory(export_dir)
+    ray.train.report(metrics, checkpoint=final)
     persisted = time.perf_counter()
     shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()
+    if keeper is not None:  # before Ray Train's local mode destroys the group behind DeepSpeed
+        inprocess.destroy_group()
     if rank == 0:
         say(
             f"final checkpoint copied to storage in {persisted - persist_started:.1f} s, "

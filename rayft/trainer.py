@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayft import checkpoint as ckpt
-from rayft import tracking
+from rayft import inprocess, tracking
 from rayft.config import (
     ConfigError,
     RayftConfig,
@@ -120,37 +120,48 @@ def build_trainer(
     prompts: list[dict[str, Any]] | None = None,
     general_text: list[str] | None = None,
 ) -> Any:
-    """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`."""
+    """A Ray Train TorchTrainer running `train_fn_per_worker` on `scaling.num_workers`,
+    or in this process (Ray Train's local mode) with `scaling.in_process`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
     run_name = run_name or cfg.run_name or default_run_name(cfg)
+    run_dir = fs.join(cfg.storage_path, run_name)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
-        train_fn_per_worker,
-        # Ray Train V2 has no resume_from_checkpoint: a checkpoint from elsewhere (PBT,
-        # a resumed search) travels by path and the workers load it when their own run
-        # has none yet.
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "plan": asdict(plan),
-            "resume_from": resume_from,
-            "prompts": prompts,
-            "general_text": general_text,  # eval.general_text, read by the driver
-            "run_dir": fs.join(cfg.storage_path, run_name),  # ledger, injected faults
-            "fault": fault_from_env(),
-            "driver_pid": os.getpid(),
-        },
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
+    # Ray Train V2 has no resume_from_checkpoint: a checkpoint from elsewhere (PBT, a
+    # resumed search) travels by path and the workers load it when their own run has
+    # none yet.
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "plan": asdict(plan),
+        "resume_from": resume_from,
+        "prompts": prompts,
+        "general_text": general_text,  # eval.general_text, read by the driver
+        "run_dir": run_dir,  # ledger, injected faults
+        "fault": fault_from_env(),
+        "driver_pid": os.getpid(),
+    }
+    if s.in_process:  # local mode: num_workers=0 is Ray Train's switch for it
+        loop_config[inprocess.CONFIG_KEY] = inprocess.Keeper(
+            run_dir, cfg.checkpoint.keep, checkpoint_score(cfg), cfg.checkpoint.mode,
+            callbacks or [],
+        )  # fmt: skip
+        scaling = ScalingConfig(num_workers=0)
+    else:
+        scaling = ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker=resources,
             placement_strategy=s.placement_strategy,
-        ),
+        )
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.storage_path,
@@ -232,6 +243,10 @@ def run_trainer(trainer: Any, cfg: RayftConfig) -> Any:
     back when the run ends, which lets those actors go."""
     from ray.train import TrainingFailedError
 
+    keeper = trainer.train_loop_config.get(inprocess.CONFIG_KEY)
+    if keeper is not None:  # scaling.in_process: the function's errors are raised as they are
+        with inprocess.worker_environment(cfg):
+            return keeper.result(trainer.fit())
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
     try:

@@ -97,6 +97,12 @@ def check_search_space(cfg: RayftConfig) -> None:
             f"tune.metric: {cfg.task} reports no {cfg.tune.metric!r} while it trains; "
             f"use one of {', '.join(known)}"
         )
+    if cfg.scaling.in_process:
+        problems.append(
+            "scaling.in_process: a search runs every trial as a worker group of its own "
+            "(trials run side by side, and schedulers stop them); set "
+            "scaling.in_process=false"
+        )
     if cfg.tune.scheduler == "pbt" and "train.lr" not in space:
         problems.append("tune.scheduler pbt perturbs the learning rate: add train.lr to "
                         "tune.search_space")  # fmt: skip

@@ -150,6 +150,32 @@ def test_remote_storage_with_sync_uploads_is_noted_before_launch(storage, upload
         assert note is None
 
 
+@pytest.mark.parametrize(
+    "scaling, problem",
+    [
+        ({"num_workers": 1}, None),  # one worker in this process
+        ({"num_workers": 1, "cpus_per_worker": 2, "use_gpu": True}, None),
+        ({"num_workers": 2}, "scaling.in_process trains one worker in this process "
+                             "(got scaling.num_workers=2): set scaling.num_workers=1"),
+        ({"num_workers": 1, "max_failures": 1}, "scaling.max_failures=1 restarts a worker "
+                                                "group, and scaling.in_process has none"),
+    ],
+)  # fmt: skip
+def test_in_process_is_one_worker_without_restarts(scaling, problem):
+    from rayft.tune import check_search_space
+
+    raw = {**MINIMAL, "scaling": {**scaling, "in_process": True}}
+    if problem is None:
+        cfg = validate_config(raw)
+        assert cfg.scaling.in_process
+        # A search runs each trial as a worker group; said before any trial starts.
+        cfg = validate_config({**raw, "tune": {"search_space": {"train.lr": {"grid": [1e-3]}}}})
+        with pytest.raises(ConfigError, match="scaling.in_process: a search runs every trial"):
+            check_search_space(cfg)
+    else:
+        assert any(p.startswith(problem) for p in problems_of(raw)), problems_of(raw)
+
+
 def test_missing_required_keys_are_named():
     problems = problems_of({"data": {"eval": "x"}})
     assert "model: required key is missing" in problems

@@ -356,6 +356,70 @@ def test_overtraining_is_flagged_as_forgetting_and_fails_the_command(
     assert states and {s["zero_stage"] for s in states} == {0}  # what a resume must match
 
 
+def test_in_process_run_trains_as_the_worker_group_does(
+    tmp_path, ray_session, tiny_model, toy_data
+):
+    """`scaling.in_process` (Ray Train's local mode) trains in this process: no controller
+    or worker process starts, and the run is the same as a worker group of one: the same
+    losses and metrics at every report, the same checkpoints kept by `checkpoint.keep`
+    (rayft stores them itself here), the callbacks see every report, and the run resumes.
+    The process is left as it was (no process group, its torch threads)."""
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    runs = {}
+    for mode in (True, False):  # in-process first: a worker group must still run after it
+        config = base_config(
+            tiny_model,
+            toy_data,
+            tmp_path / f"in_process_{mode}",
+            scaling={"num_workers": 1, "in_process": mode},
+            deepspeed={"stage": "auto"},
+            train={"epochs": 2, "lr": 2e-3, "eval_every_steps": 10},
+            # Ranked by the highest eval loss, so that the best two (the first two, before
+            # the loss falls) and the newest, which is always kept, differ.
+            checkpoint={"every_steps": 10, "keep": 2, "mode": "max"},
+            tracking={"tensorboard": True},
+        )
+        before = ckpt.local_copies()
+        with ActorWatch("TrainController", "RayTrainWorker") as seen:
+            metrics, out = run(config)
+        assert ckpt.local_copies() <= before
+        kept = ckpt.checkpoints_of_run(str(run_dir(out)))
+        runs[mode] = (metrics, out, seen, [ckpt.check_complete(p)["step"] for p in kept])
+    (local, out, seen, kept), (group, group_out, group_seen, group_kept) = runs[True], runs[False]
+    assert seen == set() and group_seen == {"TrainController", "RayTrainWorker"}
+    assert not dist.is_initialized() and torch.get_num_threads() == threads
+    assert local["timings"]["launch"] < 2.0  # no worker group to start (~10 s here)
+
+    def figures(out: Path) -> list[float]:
+        keys = ("step", "train_loss", "eval_loss", "accuracy", "lr")
+        return [v for h in history(out) for k in keys if (v := h.get(k)) is not None]
+
+    assert figures(out) == pytest.approx(figures(group_out), abs=1e-6)
+    assert local["accuracy"] == group["accuracy"] and local["step"] == group["step"] == 66
+    # 7 checkpoints (every 10 steps and the final one): the best 2 and the newest kept,
+    # the same either way.
+    assert kept == group_kept == [10, 20, 66], (kept, group_kept)
+    assert local["selected_checkpoint"]["step"] == group["selected_checkpoint"]["step"]
+    assert Path(local["selected_checkpoint"]["path"]).is_dir()
+    assert (Path(local["checkpoint_path"]) / "model" / "model.safetensors").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_loss")] == [h["step"] for h in history(out)]
+
+    # A second run in this process: --resume finds every epoch done in the stored checkpoint.
+    again = fit(validate_config(base_config(
+        tiny_model, toy_data, out, scaling={"num_workers": 1, "in_process": True},
+        deepspeed={"stage": "auto"}, train={"epochs": 2, "lr": 2e-3, "eval_every_steps": 10},
+        checkpoint={"every_steps": 10, "keep": 2, "mode": "max"},
+    )), resume=True)  # fmt: skip
+    assert again["step"] == 66 and again["accuracy"] == local["accuracy"]
+
+
 def test_timings_merge_driver_and_worker_sections():
     driver = Timings()
     driver.add("data", 2.0)
