@@ -11,11 +11,13 @@ group is done here, so that a run reads the same either way:
 - the best `checkpoint.keep` by `checkpoint.metric` stay, and the newest always does;
 - the run's callbacks (tracking) see every report, as they would from a controller;
 - the process has what Ray Train gives a worker: a torch.distributed group of one rank,
-  `scaling.cpus_per_worker` torch threads, and data read in order.
+  `scaling.cpus_per_worker` torch threads, and data read in order, with Ray Data kept
+  off the CPUs the training uses.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -30,6 +32,7 @@ from rayft.config import RayftConfig
 from rayft.data import fs
 
 CONFIG_KEY = "in_process"  # the Keeper's key in train_loop_config (passed by reference)
+REPORTS_LOGGER = "ray.train.v2._internal.execution.train_fn_utils"
 
 
 def checkpoint_dir_name() -> str:
@@ -105,6 +108,27 @@ class Keeper:
         )
 
 
+def ingest(dataset: Any, cfg: RayftConfig) -> Any:
+    """``dataset`` as Ray Train's ingest would give it to a worker: read in order, and
+    with the worker's CPUs (and GPU) left out of what Ray Data may use, since no worker
+    holds them here. A split already in the object store runs nothing, and stays."""
+    from ray.data import ExecutionResources
+    from ray.data.dataset import MaterializedDataset
+
+    from rayft.trainer import ingest_options
+
+    if isinstance(dataset, MaterializedDataset):
+        return dataset
+    s = cfg.scaling
+    options = ingest_options()
+    options.exclude_resources = options.exclude_resources.add(
+        ExecutionResources(cpu=s.cpus_per_worker, gpu=1 if s.use_gpu else 0)
+    )
+    copy = dataset.copy(dataset)
+    copy.context.execution_options = options
+    return copy
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,12 +153,11 @@ def destroy_group() -> None:
 def worker_environment(cfg: RayftConfig) -> Iterator[None]:
     """This process set up as Ray Train sets up a worker of one: a torch.distributed
     group of one rank (gloo, or NCCL on a GPU) that DeepSpeed adopts, torch's threads
-    at `scaling.cpus_per_worker`, and Ray Data executing in order. Everything is put
-    back afterwards, the group destroyed, so the process can run again."""
+    at `scaling.cpus_per_worker`. Everything is put back afterwards, the group
+    destroyed, so the process can run again."""
     import torch
     import torch.distributed as dist
 
-    from rayft.data.prepare import ordered_execution
     from rayft.trainer import RUNTIME_ENV
 
     if dist.is_initialized():
@@ -151,6 +174,10 @@ def worker_environment(cfg: RayftConfig) -> Iterator[None]:
     }  # fmt: skip
     saved_env = {key: os.environ.get(key) for key in variables}
     threads = torch.get_num_threads()
+    # Local mode logs every report whole (history included); rank 0's lines say enough.
+    reports_log = logging.getLogger(REPORTS_LOGGER)
+    level = reports_log.level
+    reports_log.setLevel(logging.WARNING)
     os.environ.update(variables)
     try:
         if not cfg.scaling.use_gpu:
@@ -161,11 +188,11 @@ def worker_environment(cfg: RayftConfig) -> Iterator[None]:
             rank=0,
             world_size=1,
         )
-        with ordered_execution():
-            yield
+        yield
     finally:
         destroy_group()  # the run's own end does it first; a failed run's, here
         torch.set_num_threads(threads)
+        reports_log.setLevel(level)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

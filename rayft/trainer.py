@@ -150,6 +150,7 @@ def build_trainer(
             callbacks or [],
         )  # fmt: skip
         scaling = ScalingConfig(num_workers=0)
+        datasets = {name: inprocess.ingest(ds, cfg) for name, ds in datasets.items()}
     else:
         scaling = ScalingConfig(
             num_workers=s.num_workers,
