@@ -25,12 +25,17 @@ Five measurements, on a local Ray of this process's own:
 5. `reports`: rayft runs that evaluate (and so report) at every step, at each of
    ``--rayft-intervals``: the seconds their `ray.train.report` calls took (the `report`
    timing), against their training steps. The controller collects one report per poll.
+6. `cli`: `python -m rayft.train` of the 4-step job in a fresh process per run (joining
+   this benchmark's Ray, as a run on a machine with `ray start` does), as a worker group
+   of one and in the process itself (`scaling.in_process`), alternating after a warming
+   run of each: the command's wall time, and its `timings`.
 
     python benchmarks/bench_launch.py --repeats 4
     python benchmarks/bench_launch.py --parts rayft --name launch_rayft   # rayft's part only
     python benchmarks/bench_launch.py --parts rayft --rayft-intervals 2.0 0.5 --name launch_poll
     python benchmarks/bench_launch.py --parts reports --rayft-intervals 2.0 0.5 --rayft-runs 2 \
         --name launch_reports
+    python benchmarks/bench_launch.py --parts cli --rayft-runs 4 --name launch_in_process
 """
 
 from __future__ import annotations
@@ -262,6 +267,48 @@ def rayft_reports(
     return found
 
 
+def cli_runs(work: str, runs: int) -> list[dict[str, Any]]:
+    """``runs`` commands per mode (worker group, in-process), alternating after a warming
+    run of each (the data cache; DeepSpeed's CPU op): each its wall time and timings."""
+    from rayft.config import dump_config
+
+    train, dev = sst2_subset(400, work), sst2_dev_subset(64, work)
+    found = []
+    schedule = [False, True] + [mode for _, mode in alternating([False, True], runs)]
+    for run, in_process in enumerate(schedule):
+        cfg = minilm_job(work, f"cli-{run}", train, dev, max_steps=4, eval_every_steps=100)
+        path = os.path.join(work, f"cli-{run}.yaml")
+        with open(path, "w") as handle:
+            handle.write(dump_config(cfg))
+        command = [sys.executable, "-m", "rayft.train", "--config", path,
+                   f"scaling.in_process={str(in_process).lower()}"]  # fmt: skip
+        started = time.time()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.time() - started
+        with open(os.path.join(cfg.output_dir, "metrics.json")) as handle:
+            timings = json.load(handle)["timings"]
+        print(f"rayft.train run {run}, in_process {in_process}: {wall:.1f} s; " + ", ".join(
+            f"{k} {v:.1f}" for k, v in timings.items()), flush=True)  # fmt: skip
+        if run >= 2:
+            found.append({"in_process": in_process, "command_seconds": wall, "timings": timings})
+    return found
+
+
+def cli_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    sections = list(dict.fromkeys(k for r in runs for k in r["timings"]))  # in run order
+    modes: dict[str, Any] = {}
+    for name, in_process in (("worker_group", False), ("in_process", True)):
+        mine = [r for r in runs if r["in_process"] is in_process]
+        modes[name] = {
+            "command_seconds": median([r["command_seconds"] for r in mine]),
+            **{k: median([r["timings"].get(k, 0.0) for r in mine]) for k in sections},
+        }
+    modes["in_process_command_time_ratio"] = (
+        modes["in_process"]["command_seconds"] / modes["worker_group"]["command_seconds"]
+    )
+    return modes
+
+
 def rayft_summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Medians of rayft runs' launch parts, and of their `launch` and `setup`."""
     return {
@@ -293,7 +340,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["imports", "bare", "rayft"],
-        choices=["imports", "bare", "rayft", "reports"],
+        choices=["imports", "bare", "rayft", "reports", "cli"],
         help="measurements to run",
     )
     args = parser.parse_args()
@@ -352,6 +399,10 @@ def main() -> None:
             entry["samples_per_second_ratio_vs_first_interval"] = (
                 entry["samples_per_second"] / first["samples_per_second"]
             )
+    cli: list[dict[str, Any]] = []
+    if "cli" in args.parts:
+        cli = cli_runs(work, args.rayft_runs)
+        summary["cli"] = cli_summary(cli)
     path = write_result(args.name, {
         **environment(),
         "setup": {"workers": "1 x 2 CPUs, a function that sleeps 3 s + 0.5 s per repeat",
@@ -360,7 +411,7 @@ def main() -> None:
                   "rayft_intervals": args.rayft_intervals,
                   "parts": args.parts},
         "summary": summary, "imports": found, "bare": bare, "poll_cpu": poll_cpu,
-        "rayft_runs": rayft, "report_runs": reports,
+        "rayft_runs": rayft, "report_runs": reports, "cli_runs": cli,
     })  # fmt: skip
     if bare:
         print(
@@ -387,6 +438,14 @@ def main() -> None:
               f"{args.rayft_runs}): report {r['report_seconds']:.1f} s ({r['seconds_per_report']:.2f}"
               f" s per report), train {r['train_seconds']:.1f} s ({r['samples_per_second']:.1f} "
               f"samples/s), eval {r['eval_seconds']:.1f} s")  # fmt: skip
+    if cli:
+        print(f"\n| `python -m rayft.train`, 4 steps (median of {args.rayft_runs}) | command s | "
+              + " | ".join(k for k in summary["cli"]["in_process"] if k != "command_seconds")
+              + " |")  # fmt: skip
+        for name in ("worker_group", "in_process"):
+            r = summary["cli"][name]
+            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in r.values()) + " |")
+        print(f"in-process / worker group: {summary['cli']['in_process_command_time_ratio']:.2f}x")
     if found:
         print(f"the worker's imports: {found['total_seconds']:.2f} s")
     print(path)

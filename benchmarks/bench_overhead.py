@@ -437,7 +437,13 @@ def helper_share(roles: dict[str, dict[str, float]], training: str) -> float:
 
 
 def rayft_config(
-    args: argparse.Namespace, train: str, eval_: str, out: str, *, cpus: int = 2
+    args: argparse.Namespace,
+    train: str,
+    eval_: str,
+    out: str,
+    *,
+    cpus: int = 2,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     return quiet_run_config({
         "task": "sequence_classification", "method": "full", "output_dir": out,
@@ -445,7 +451,7 @@ def rayft_config(
         "data": {"train": train, "eval": eval_, "text_column": "sentence",
                  "label_column": "label", "dedup": {"near": False},
                  "shuffle_buffer_rows": 0, "cache_dir": os.path.join(args.work, "cache")},
-        "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
+        "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "in_process": in_process},
         "deepspeed": {"stage": 0, "precision": "fp32"},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 2e-5,
                   "max_seq_len": args.max_seq_len, "group_by_length": 0,
@@ -780,6 +786,11 @@ def main() -> None:
         action="store_true",
         help="Ray's processes other than the training worker under SCHED_IDLE (`IdleRay`)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="rayft trains in this process (`scaling.in_process`) instead of a Ray Train worker",
+    )
     parser.add_argument("--name", default="overhead", help="results: benchmarks/results/NAME.json")
     args = parser.parse_args()
     args.work, timeline = prepare_run(args.work, "overhead")
@@ -796,7 +807,10 @@ def main() -> None:
 
     train = sst2_subset(args.rows, args.work)
     eval_ = sst2_dev_subset(args.eval_rows, args.work)
-    base = rayft_config(args, train, eval_, os.path.join(args.work, "run"), cpus=args.cpus)
+    base = rayft_config(
+        args, train, eval_, os.path.join(args.work, "run"), cpus=args.cpus,
+        in_process=args.in_process,
+    )  # fmt: skip
     cfg = resolve_paths(validate_config(base))
     # init_ray's count: the worker's CPUs + 2 for data.
     ray_start = start_ray(args.cpus + 2, include_dashboard=False if args.no_dashboard else None)
@@ -847,7 +861,8 @@ def main() -> None:
         )
         for side in order:
             roles = done[side]["steady_cpu_roles"]
-            training = "RayTrainWorker" if side == "rayft" else "driver"
+            in_worker = side == "rayft" and not args.in_process
+            training = "RayTrainWorker" if in_worker else "driver"
             done[side]["steady_helper_cpu_share"] = helper_share(roles, training)
             done[side]["steady_preemptions_per_s"] = roles[training]["preemptions_per_s"]
         repeats.append(done)
@@ -917,7 +932,9 @@ def main() -> None:
             "batch_size": args.batch_size,
             "max_seq_len": args.max_seq_len,
             "lr": 2e-5,
-            "rayft": f"1 worker x {args.cpus} CPUs, ZeRO stage 0, no shuffle, group_by_length 0",
+            "rayft": f"1 worker x {args.cpus} CPUs, ZeRO stage 0, no shuffle, group_by_length 0"
+            + (", in this process (scaling.in_process)" if args.in_process else ""),
+            "rayft_in_process": args.in_process,
             "plain": "this process with no Ray running, torch.optim.AdamW(fused=True) as "
             "rayft's, same schedule and clipping",
             "plain_beside_ray": "the same beside the benchmark's local Ray, left idle",

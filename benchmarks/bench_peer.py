@@ -64,6 +64,9 @@ SCENARIOS = {
     # The training split streamed (read and tokenized by Ray Data while the worker trains,
     # as a split larger than data.materialize_max_mb is) instead of kept in the object store.
     "rayft_1x2_stream": {"num_workers": 1, "cpus_per_worker": 2, "materialize": "never"},
+    # Trained in the benchmark's own process (`scaling.in_process`, Ray Train's local mode):
+    # no controller or worker group to start and stop.
+    "rayft_1x2_in_process": {"num_workers": 1, "cpus_per_worker": 2, "in_process": True},
 }
 # A host-bound model: BERT's layout at 12 layers x 64 wide (random weights, MiniLM's
 # tokenizer), so a step is mostly Python and kernel dispatch, as BERT-base's is on a GPU at

@@ -821,6 +821,20 @@ def single_worker_zero_note(cfg: RayftConfig) -> str | None:
     )
 
 
+def in_process_note(cfg: RayftConfig) -> str | None:
+    """Advice to print before a `rayft train` run of one worker that could train in the
+    command's own process (`scaling.in_process`) and skip Ray Train's start and stop of a
+    worker group. None where it could not (restarts asked for) or already does."""
+    s = cfg.scaling
+    if s.num_workers != 1 or s.in_process or s.max_failures != 0:
+        return None
+    return (
+        "one worker: scaling.in_process=true trains it in this process and skips Ray "
+        "Train's start and stop of a worker group (about 10 s a run on 2 cores; "
+        "docs/performance.md)"
+    )
+
+
 def sync_upload_note(cfg: RayftConfig) -> str | None:
     """Advice to print before launch when checkpoints go to remote storage (a URI such as
     s3:// or gs://) with `checkpoint.upload: sync`: every worker then stops training for

@@ -149,6 +149,17 @@ def destroy_group() -> None:
         dist.destroy_process_group()
 
 
+def forget_stale_deepspeed_groups() -> None:
+    """DeepSpeed caches its subgroups (a clone of the world group among them) at module
+    level and lets go of them only when a group is destroyed through `deepspeed.comm`. A
+    process that ran an engine before whose group torch destroyed (a notebook, a test)
+    still holds them, and this run's engine would use a group that no longer exists."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)  # DeepSpeed 0.19
+    if release is not None:
+        release(None)
+
+
 @contextmanager
 def worker_environment(cfg: RayftConfig) -> Iterator[None]:
     """This process set up as Ray Train sets up a worker of one: a torch.distributed
@@ -182,6 +193,7 @@ def worker_environment(cfg: RayftConfig) -> Iterator[None]:
     try:
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        forget_stale_deepspeed_groups()
         dist.init_process_group(
             "nccl" if cfg.scaling.use_gpu else "gloo",
             init_method=f"tcp://127.0.0.1:{variables['MASTER_PORT']}",

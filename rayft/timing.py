@@ -15,7 +15,8 @@ from contextlib import contextmanager
 SECTIONS = {
     "ray_start": "joining or starting Ray (driver)",
     "data": "reading, cleaning, dedup, splitting; the tokenizing datasets (driver)",
-    "launch": "Ray Train starting and stopping the workers, persisting the final checkpoint",
+    "launch": "Ray Train starting and stopping the workers, persisting the final checkpoint "
+    "(next to nothing with scaling.in_process)",
     "setup": "imports, tokenizer, model, DeepSpeed engine (workers)",
     "train": "optimizer steps, waiting for batches included (workers)",
     "eval": "evaluations, the baseline and final ones included (workers)",

@@ -23,6 +23,7 @@ from rayft.config import (
     RayftConfig,
     baselines,
     dump_config,
+    in_process_note,
     resolve_paths,
     single_worker_zero_note,
     sync_upload_note,
@@ -399,6 +400,8 @@ def fit(cfg: RayftConfig, *, resume: bool = False) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     files = check_sources(cfg)  # fail on bad paths/columns before Ray starts
     say_launch_advice(cfg)
+    if note := in_process_note(cfg):  # `rayft train` only: a search's trials are groups
+        say(f"NOTE: {note}")
     run_name = resumed_run_name(cfg) if resume else cfg.run_name or default_run_name(cfg)
     resume_from = resume_point(cfg, run_name, required=resume)
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -13,6 +13,7 @@ from rayft.cli import main
 from rayft.config import (
     DEFAULT_LR,
     ConfigError,
+    in_process_note,
     load_config,
     parse_overrides,
     resolve_path,
@@ -165,6 +166,12 @@ def test_in_process_is_one_worker_without_restarts(scaling, problem):
     from rayft.tune import check_search_space
 
     raw = {**MINIMAL, "scaling": {**scaling, "in_process": True}}
+    # Before a run of one worker that could, `rayft train` says so.
+    note = in_process_note(validate_config({**MINIMAL, "scaling": scaling}))
+    if problem is None:
+        assert "scaling.in_process=true trains it in this process" in note
+    else:  # several workers, or restarts asked for: not said
+        assert note is None, note
     if problem is None:
         cfg = validate_config(raw)
         assert cfg.scaling.in_process

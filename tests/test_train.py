@@ -384,6 +384,8 @@ def test_in_process_run_trains_as_the_worker_group_does(
         # Streamed, not kept in the object store: Ray Data reads and tokenizes the splits
         # while the run trains (in-process, from the process that trains).
         config["data"]["materialize"] = "never"
+        if mode:  # its frozen-head baseline, a second training run, in-process too
+            config["eval"]["baselines"] = ["majority", "frozen"]
         before = ckpt.local_copies()
         with ActorWatch("TrainController", "RayTrainWorker") as seen:
             metrics, out = run(config)
@@ -407,6 +409,9 @@ def test_in_process_run_trains_as_the_worker_group_does(
     assert local["selected_checkpoint"]["step"] == group["selected_checkpoint"]["step"]
     assert Path(local["selected_checkpoint"]["path"]).is_dir()
     assert (Path(local["checkpoint_path"]) / "model" / "model.safetensors").is_file()
+    frozen = local["baselines"]["frozen"]
+    assert 0.0 <= frozen["accuracy"] <= 1.0
+    assert (Path(frozen["checkpoint_path"]) / "model" / "model.safetensors").is_file()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
