@@ -65,8 +65,9 @@ class Keeper:
                 fs.copy_tree(directory, target)
                 shutil.rmtree(directory, ignore_errors=True)
             else:
-                os.makedirs(self.run_dir, exist_ok=True)
-                shutil.move(directory, target)  # a rename within one filesystem
+                local = target.removeprefix("file://")
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                shutil.move(directory, local)  # a rename within one filesystem
             checkpoint = ray.train.Checkpoint(target)
             self.kept.append((checkpoint, dict(metrics)))
             self._prune()

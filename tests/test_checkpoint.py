@@ -269,3 +269,38 @@ def test_single_rank_stage0_skips_the_all_reduce_and_trains_the_same(process_gro
     engine, _ = build_engine(tiny_model, stage=2)  # ZeRO reduces through its optimizer
     assert engine.enable_backward_allreduce is True
     engine.destroy()
+
+
+@pytest.mark.parametrize("prefix", ["", "file://"])
+def test_in_process_keeper_stores_ranks_and_prunes_as_ray_train_does(tmp_path, prefix):
+    """`scaling.in_process` checkpoints: each moved (not copied) into the run's directory
+    under a name that sorts by time, the best `keep` by the metric kept and the newest
+    always, a report without a checkpoint or a score passed to the callbacks all the same."""
+    from rayft.inprocess import Keeper
+
+    seen = []
+
+    class Callback:
+        def after_report(self, run_context, metrics, checkpoint):
+            seen.append((metrics[0]["step"], checkpoint is not None))
+
+    run_dir = tmp_path / "storage" / "run"
+    keeper = Keeper(f"{prefix}{run_dir}", keep=2, metric="eval_loss", mode="min",
+                    callbacks=[Callback()])  # fmt: skip
+    losses = {1: 0.5, 2: 0.3, 3: float("nan"), 4: 0.4, 5: 0.9}
+    for step, loss in losses.items():
+        local = tmp_path / f"local-{step}"
+        local.mkdir()
+        (local / "state.json").write_text(str(step))
+        keeper.report({"step": step, "eval_loss": loss}, str(local))
+        assert not local.exists()  # moved
+        keeper.report({"step": step}, None)  # metrics only
+    stored = sorted(p.name for p in run_dir.iterdir())
+    assert stored == sorted(stored) and len(stored) == 3
+    # Best two by eval loss (steps 2 and 4; NaN ranks last) and the newest (5).
+    assert [(run_dir / name / "state.json").read_text() for name in stored] == ["2", "4", "5"]
+    assert [m["step"] for _, m in keeper.kept] == [2, 4, 5]
+    assert seen == [(s, c) for s in losses for c in (True, False)]
+    result = keeper.result(type("Local", (), {"metrics": {}, "checkpoint": None,
+                                              "return_value": None})())  # fmt: skip
+    assert result.checkpoint.path.endswith(stored[-1]) and len(result.best_checkpoints) == 3
