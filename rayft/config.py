@@ -839,8 +839,10 @@ def sync_upload_note(cfg: RayftConfig) -> str | None:
     """Advice to print before launch when checkpoints go to remote storage (a URI such as
     s3:// or gs://) with `checkpoint.upload: sync`: every worker then stops training for
     each upload. None otherwise (a local or shared-filesystem path copies quickly)."""
+    from rayft.data.fs import is_remote  # pyarrow: not at import time
+
     path = cfg.storage_path or ""
-    if cfg.checkpoint.upload != "sync" or "://" not in path or path.startswith("file://"):
+    if cfg.checkpoint.upload != "sync" or not is_remote(path):
         return None
     return (
         f"storage_path {path} is remote and checkpoint.upload is sync: every worker stops "

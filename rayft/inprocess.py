@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -60,14 +59,7 @@ class Keeper:
 
         checkpoint = None
         if directory is not None:
-            target = fs.join(self.run_dir, checkpoint_dir_name())
-            if "://" in self.run_dir and not self.run_dir.startswith("file://"):
-                fs.copy_tree(directory, target)
-                shutil.rmtree(directory, ignore_errors=True)
-            else:
-                local = target.removeprefix("file://")
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                shutil.move(directory, local)  # a rename within one filesystem
+            target = fs.move_tree(directory, fs.join(self.run_dir, checkpoint_dir_name()))
             checkpoint = ray.train.Checkpoint(target)
             self.kept.append((checkpoint, dict(metrics)))
             self._prune()
@@ -85,13 +77,11 @@ class Keeper:
     def _prune(self) -> None:
         if len(self.kept) <= self.keep:
             return
-        newest = self.kept[-1]
         ranked = sorted(self.kept, key=lambda item: self._score(item[1]), reverse=True)
-        stay = {id(item) for item in ranked[: self.keep]} | {id(newest)}
-        for item in self.kept:
-            if id(item) not in stay:
-                fs.remove(item[0].path)
-        self.kept = [item for item in self.kept if id(item) in stay]
+        dropped = [item for item in ranked[self.keep :] if item is not self.kept[-1]]
+        for checkpoint, _ in dropped:
+            fs.remove(checkpoint.path)
+        self.kept = [item for item in self.kept if all(item is not d for d in dropped)]
 
     def result(self, local: Any) -> Any:
         """Ray Train's local-mode Result, with what a controller's would hold: the

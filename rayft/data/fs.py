@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -13,6 +14,11 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def is_remote(path: str) -> bool:
+    """A URI of a filesystem other than this machine's (s3://, gs://; not file://)."""
+    return "://" in path and not path.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:
@@ -92,4 +98,17 @@ def copy_tree(source: str, target: str) -> str:
     target_fs.create_dir(target_where, recursive=True)
     pafs.copy_files(where, target_where, source_filesystem=filesystem,
                     destination_filesystem=target_fs)  # fmt: skip
+    return target
+
+
+def move_tree(source: str, target: str) -> str:
+    """Move a local directory to `target`: a rename where `target` is on this machine (a
+    path or file:// URI), else a copy to its filesystem and the local one removed."""
+    if is_remote(target):
+        copy_tree(source, target)
+        shutil.rmtree(source, ignore_errors=True)
+    else:
+        local = target.removeprefix("file://")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        shutil.move(source, local)
     return target
