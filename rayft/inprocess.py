@@ -126,25 +126,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def destroy_group() -> None:
-    """Tear down this process's torch.distributed group so that DeepSpeed lets go of it
-    too: its cached subgroups would otherwise name a destroyed group in the next run."""
+def release_group() -> None:
+    """Destroy this process's torch.distributed group, if any, and make DeepSpeed forget
+    the subgroups it cached for it (a clone of the world group among them). DeepSpeed lets
+    go of them only when a group is destroyed through `deepspeed.comm`; Ray Train's local
+    mode, a notebook or a test destroy it through torch, and the next engine in the
+    process would then use a group that no longer exists."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return
-    comm = sys.modules.get("deepspeed.comm")
-    if comm is not None and comm.is_initialized():
-        comm.destroy_process_group()
-    else:
+    if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def forget_stale_deepspeed_groups() -> None:
-    """DeepSpeed caches its subgroups (a clone of the world group among them) at module
-    level and lets go of them only when a group is destroyed through `deepspeed.comm`. A
-    process that ran an engine before whose group torch destroyed (a notebook, a test)
-    still holds them, and this run's engine would use a group that no longer exists."""
     groups = sys.modules.get("deepspeed.utils.groups")
     release = getattr(groups, "_release_process_group_references", None)  # DeepSpeed 0.19
     if release is not None:
@@ -184,7 +175,7 @@ def worker_environment(cfg: RayftConfig) -> Iterator[None]:
     try:
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        forget_stale_deepspeed_groups()
+        release_group()  # what an engine before this run left behind
         dist.init_process_group(
             "nccl" if cfg.scaling.use_gpu else "gloo",
             init_method=f"tcp://127.0.0.1:{variables['MASTER_PORT']}",
@@ -193,7 +184,7 @@ def worker_environment(cfg: RayftConfig) -> Iterator[None]:
         )
         yield
     finally:
-        destroy_group()  # the run's own end does it first; a failed run's, here
+        release_group()
         torch.set_num_threads(threads)
         reports_log.setLevel(level)
         for key, value in saved_env.items():

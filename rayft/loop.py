@@ -813,8 +813,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     persisted = time.perf_counter()
     shutil.rmtree(export_dir, ignore_errors=True)
     engine.destroy()
-    if keeper is not None:  # before Ray Train's local mode destroys the group behind DeepSpeed
-        inprocess.destroy_group()
     if rank == 0:
         say(
             f"final checkpoint copied to storage in {persisted - persist_started:.1f} s, "
