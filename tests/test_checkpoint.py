@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -278,6 +279,8 @@ def test_in_process_keeper_stores_ranks_and_prunes_as_ray_train_does(tmp_path, p
     always, a report without a checkpoint or a score passed to the callbacks all the same."""
     from rayft.inprocess import Keeper
 
+    NAME = r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{6}"
+
     seen = []
 
     class Callback:
@@ -296,7 +299,8 @@ def test_in_process_keeper_stores_ranks_and_prunes_as_ray_train_does(tmp_path, p
         assert not local.exists()  # moved
         keeper.report({"step": step}, None)  # metrics only
     stored = sorted(p.name for p in run_dir.iterdir())
-    assert stored == sorted(stored) and len(stored) == 3
+    # Ray Train's names (the save time), so that name order is save order (read below).
+    assert len(stored) == 3 and all(re.fullmatch(NAME, n) for n in stored), stored
     # Best two by eval loss (steps 2 and 4; NaN ranks last) and the newest (5).
     assert [(run_dir / name / "state.json").read_text() for name in stored] == ["2", "4", "5"]
     assert [m["step"] for _, m in keeper.kept] == [2, 4, 5]
